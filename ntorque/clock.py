@@ -1,0 +1,114 @@
+"""The clock: re-ring for due tasks, fail exhausted ones, delete old finished ones.
+
+Safe to run more than once: requeue only rings (acquire decides), cleanup deletes in
+batches that skip rows another clock holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from . import metrics
+from .notify import Notifier, NotifyError
+from .settings import Settings
+from .store import Store, connection_errors
+
+logger = logging.getLogger("ntorque.clock")
+
+
+class Clock:
+    def __init__(self, settings: Settings, store: Store, notifier: Notifier) -> None:
+        self.settings = settings
+        self.store = store
+        self.notifier = notifier
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        next_cleanup = 0.0
+        while not self._stopping.is_set():
+            await self.tick()
+            if time.monotonic() >= next_cleanup:
+                await self._guarded("cleanup", self.cleanup)
+                next_cleanup = time.monotonic() + self.settings.cleanup_interval_s
+            try:
+                async with asyncio.timeout(self.settings.requeue_interval_s):
+                    await self._stopping.wait()
+            except TimeoutError:
+                pass
+
+    async def tick(self) -> None:
+        """One requeue round plus the backlog gauges."""
+        await self._guarded("fail_exhausted", self.fail_exhausted)
+        await self._guarded("requeue", self.requeue)
+        await self._guarded("backlog", self.measure_backlog)
+
+    async def _guarded(self, action: str, step: object) -> None:
+        try:
+            await step()  # type: ignore[operator]
+        except connection_errors() as exc:
+            logger.error("action=%s failed, database unavailable: %s", action, exc)
+
+    async def requeue(self) -> int:
+        """Ring for due tasks in due order, never filling the channel past its bound."""
+        if not self.notifier.rings:
+            return 0
+        try:
+            room = self.settings.notify_backlog_limit - await self.notifier.pending()
+        except NotifyError as exc:
+            metrics.NOTIFY_FAILURES.labels(role="clock").inc()
+            logger.warning("action=requeue skipped, notification channel unavailable: %s", exc)
+            return 0
+        rung = 0
+        after: tuple[float, int] | None = None
+        now = time.time()
+        while room > 0:
+            limit = min(self.settings.requeue_batch, room)
+            batch = await self.store.due_ids(limit, now=now, after=after)
+            if not batch:
+                break
+            try:
+                await self.notifier.notify([task_id for _, task_id in batch])
+            except NotifyError as exc:
+                metrics.NOTIFY_FAILURES.labels(role="clock").inc()
+                logger.warning("action=requeue stopped, notification channel down: %s", exc)
+                break
+            rung += len(batch)
+            room -= len(batch)
+            after = batch[-1]
+            if len(batch) < limit:
+                break
+        if rung:
+            metrics.REQUEUED.inc(rung)
+            logger.info("action=requeue count=%d", rung)
+        return rung
+
+    async def fail_exhausted(self) -> int:
+        failed = await self.store.fail_exhausted()
+        if failed:
+            metrics.EXHAUSTED.inc(failed)
+            logger.info("action=fail_exhausted count=%d", failed)
+        return failed
+
+    async def cleanup(self) -> int:
+        """Delete finished tasks older than NTORQUE_CLEANUP_AFTER_DAYS, batch by batch."""
+        older_than = time.time() - self.settings.cleanup_after_days * 86400
+        deleted = 0
+        while not self._stopping.is_set():
+            count = await self.store.cleanup(older_than, self.settings.cleanup_batch)
+            deleted += count
+            if count < self.settings.cleanup_batch:
+                break
+        if deleted:
+            metrics.CLEANED_UP.inc(deleted)
+            logger.info("action=cleanup count=%d", deleted)
+        return deleted
+
+    async def measure_backlog(self) -> None:
+        backlog = await self.store.backlog()
+        metrics.DUE_TASKS.set(backlog.due)
+        metrics.OLDEST_DUE_AGE.set(backlog.oldest_due_age_s)

@@ -1,0 +1,119 @@
+"""Engine construction and schema migration: the only place that knows the dialects apart."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event, pool
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from .settings import Settings
+
+logger = logging.getLogger("ntorque.db")
+
+_POOLS: dict[str, type[pool.Pool]] = {
+    "NullPool": pool.NullPool,
+    "QueuePool": pool.AsyncAdaptedQueuePool,
+    "AsyncAdaptedQueuePool": pool.AsyncAdaptedQueuePool,
+    "StaticPool": pool.StaticPool,
+}
+
+
+def create_engine(settings: Settings) -> AsyncEngine:
+    """An async engine for ``settings.database_url`` with ntorque's pool and timeouts."""
+    kwargs: dict[str, Any] = {}
+    if settings.is_sqlite:
+        Path(sa.make_url(settings.database_url).database or "").parent.mkdir(
+            parents=True, exist_ok=True
+        )
+        kwargs["connect_args"] = {"timeout": settings.db_timeout_s}
+        engine = create_async_engine(settings.database_url, **kwargs)
+        _configure_sqlite(engine, settings)
+        return engine
+
+    connect_args: dict[str, Any] = {
+        # A dead server must answer 503 within seconds, never hang a request.
+        "timeout": settings.db_timeout_s,
+        "command_timeout": max(settings.db_timeout_s * 6, 30.0),
+        "server_settings": {"application_name": "ntorque"},
+    }
+    connect_args.update(settings.database_connect_args)
+    kwargs["connect_args"] = connect_args
+    kwargs["pool_pre_ping"] = False
+    if settings.pool_class is not None:
+        kwargs["poolclass"] = _POOLS[settings.pool_class]
+    if settings.pool_class != "NullPool":
+        kwargs["pool_size"] = settings.pool_size or 20
+        kwargs["max_overflow"] = (
+            settings.pool_max_overflow if settings.pool_max_overflow is not None else 10
+        )
+        kwargs["pool_timeout"] = settings.pool_timeout_s or settings.db_timeout_s
+        if settings.pool_recycle_s is not None:
+            kwargs["pool_recycle"] = settings.pool_recycle_s
+    return create_async_engine(settings.database_url, **kwargs)
+
+
+def _configure_sqlite(engine: AsyncEngine, settings: Settings) -> None:
+    busy_ms = int(settings.db_timeout_s * 1000)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy emit BEGIN itself, so that every transaction can be IMMEDIATE.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        # FULL: a task is on disk before its 201, even in WAL mode.
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def on_begin(conn: Any) -> None:
+        # Take the write lock up front: a deferred transaction that later writes can fail
+        # with "database is locked" instead of waiting for busy_timeout.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def alembic_dir() -> Path:
+    """Where the migrations live: next to the package in a checkout, else the working dir."""
+    candidates = [Path(__file__).resolve().parent.parent / "alembic", Path.cwd() / "alembic"]
+    for candidate in candidates:
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise FileNotFoundError(
+        "cannot find the alembic/ migrations directory; run ntorque from its checkout"
+    )
+
+
+def alembic_config(settings: Settings) -> Any:
+    from alembic.config import Config
+
+    directory = alembic_dir()
+    ini = directory.parent / "alembic.ini"
+    config = Config(str(ini)) if ini.is_file() else Config()
+    config.set_main_option("script_location", str(directory))
+    config.attributes["ntorque_settings"] = settings
+    return config
+
+
+def upgrade(settings: Settings, revision: str = "head") -> None:
+    """Run ``alembic upgrade`` (blocking; call it outside the event loop or in a thread)."""
+    from alembic import command
+
+    command.upgrade(alembic_config(settings), revision)
+
+
+def downgrade(settings: Settings, revision: str = "base") -> None:
+    from alembic import command
+
+    command.downgrade(alembic_config(settings), revision)
+
+
+async def upgrade_async(settings: Settings) -> None:
+    # Alembic's env.py runs its own event loop, so it needs a thread of its own.
+    await asyncio.to_thread(upgrade, settings)

@@ -1,0 +1,207 @@
+"""Calling a hook, and what its answer means. The HTTP client library stays behind this seam."""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import aiohttp
+import yarl
+from multidict import CIMultiDict
+
+from . import __version__
+from .backoff import backoff_s
+from .constants import (
+    COMPLETED,
+    FAILED,
+    PENDING,
+    RETRY_COUNT_HEADER,
+    RETRY_LIMIT_HEADER,
+    TASK_ID_HEADER,
+    USER_AGENT,
+)
+from .models import Outcome, Task
+from .settings import Settings
+
+Verdict = Literal["completed", "failed", "retry"]
+
+# Errors are stored for the API to show; a hook's whole error page is not useful there.
+MAX_ERROR_CHARS = 500
+
+
+@dataclass(frozen=True, slots=True)
+class HookResult:
+    status_code: int | None
+    error: str | None
+    duration_s: float
+    body_prefix: bytes = b""
+    permanent: bool = False  # an error no retry can mend (e.g. a redirect loop)
+
+
+class HookClient(Protocol):
+    async def call(self, task: Task, extra_headers: Sequence[tuple[str, str]] = ()) -> HookResult:
+        """Call the task's hook once; never raises for anything the hook or network does."""
+
+    async def close(self) -> None: ...
+
+
+def classify(result: HookResult, transient: frozenset[int]) -> Verdict:
+    """The outcome rules of SPEC §4, as one pure function."""
+    code = result.status_code
+    if code is None:
+        return "failed" if result.permanent else "retry"
+    if code in (200, 201):
+        return "completed"
+    if code >= 500 or code in transient:
+        return "retry"
+    return "failed"
+
+
+def decide(
+    task: Task, result: HookResult, settings: Settings, now: float
+) -> tuple[Verdict, Outcome]:
+    """Turn one attempt's result into the outcome to record (fenced on ``task.retry_count``)."""
+    verdict = classify(result, settings.transient_request_errors)
+    status = {"completed": COMPLETED, "failed": FAILED, "retry": PENDING}[verdict]
+    due = now
+    if verdict == "retry":
+        if task.retry_count > settings.max_retries:
+            status = FAILED
+        else:
+            due = now + backoff_s(
+                task.retry_count,
+                strategy=settings.backoff,
+                min_delay_s=settings.min_due_delay_s,
+                max_delay_s=settings.max_due_delay_s,
+            )
+    error = result.error
+    if error is None and verdict != "completed" and result.status_code is not None:
+        error = f"HTTP {result.status_code}"
+    return verdict, Outcome(
+        task_id=task.id,
+        attempt=task.retry_count,
+        status=status,
+        due=due,
+        status_code=result.status_code,
+        error=None if error is None else error[:MAX_ERROR_CHARS],
+    )
+
+
+def task_headers(task: Task, settings: Settings) -> list[tuple[str, str]]:
+    """The headers of a hook call: Content-Type, passthrough, then ntorque's own."""
+    headers: list[tuple[str, str]] = []
+    if task.content_type:
+        headers.append(("Content-Type", task.content_type))
+    headers.extend(task.headers)
+    headers.append((TASK_ID_HEADER, str(task.id)))
+    # retry_count was incremented when this attempt was acquired: the first attempt is 0.
+    headers.append((RETRY_COUNT_HEADER, str(max(task.retry_count - 1, 0))))
+    headers.append((RETRY_LIMIT_HEADER, str(settings.max_retries)))
+    return headers
+
+
+class AiohttpHookClient:
+    """Hook calls over one shared aiohttp session (chosen on measurements: see bench/)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._session: aiohttp.ClientSession | None = None
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=self.settings.ca_bundle)
+        if self.settings.ca_bundle:
+            # A custom bundle adds to the system's trust, it does not replace it.
+            context.load_default_certs()
+        return context
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                limit=max(self.settings.worker_concurrency, 10),
+                limit_per_host=0,
+                ssl=self._ssl_context(),
+                ttl_dns_cache=60,
+                enable_cleanup_closed=True,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                auto_decompress=False,
+                headers={"User-Agent": f"{USER_AGENT}/{__version__}"},
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self._session
+
+    async def call(self, task: Task, extra_headers: Sequence[tuple[str, str]] = ()) -> HookResult:
+        session = self._get_session()
+        headers = CIMultiDict(task_headers(task, self.settings))
+        headers.extend(extra_headers)
+        skip = ("Content-Type",) if not task.content_type else ()
+        started = time.perf_counter()
+        try:
+            async with session.request(
+                task.method,
+                task.url,
+                data=task.body,
+                headers=headers,
+                skip_auto_headers=skip,
+                timeout=aiohttp.ClientTimeout(total=task.timeout),
+                allow_redirects=self.settings.max_redirects > 0,
+                max_redirects=max(self.settings.max_redirects, 1),
+            ) as response:
+                prefix = await response.content.read(self.settings.max_response_bytes)
+                return HookResult(
+                    status_code=response.status,
+                    error=None,
+                    duration_s=time.perf_counter() - started,
+                    body_prefix=prefix,
+                )
+        except aiohttp.TooManyRedirects:
+            return _error(started, "too many redirects", permanent=True)
+        except aiohttp.InvalidURL as exc:
+            return _error(started, f"invalid url: {exc}", permanent=True)
+        except TimeoutError:
+            return _error(started, f"timed out after {task.timeout}s")
+        except aiohttp.ClientError as exc:
+            return _error(started, f"{type(exc).__name__}: {exc}")
+        except (OSError, ValueError) as exc:
+            return _error(started, f"{type(exc).__name__}: {exc}")
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _error(started: float, message: str, *, permanent: bool = False) -> HookResult:
+    return HookResult(
+        status_code=None,
+        error=message,
+        duration_s=time.perf_counter() - started,
+        permanent=permanent,
+    )
+
+
+def check_url(url: str) -> tuple[str | None, str]:
+    """Whether the hook client can call ``url``: (problem or None, host)."""
+    if any(ch <= " " or ch == "\x7f" for ch in url):
+        return "must not contain spaces or control characters", ""
+    try:
+        parsed = yarl.URL(url)
+        host = parsed.host
+        port = parsed.port
+    except (ValueError, TypeError, UnicodeError):
+        return "is not a valid URL", ""
+    if not parsed.is_absolute() or parsed.scheme not in ("http", "https"):
+        return "must be an absolute http:// or https:// URL", ""
+    if not host:
+        return "must name a host", ""
+    if port is not None and not 0 < port < 65536:
+        return "has an invalid port", ""
+    return None, host
+
+
+def create_hook_client(settings: Settings) -> HookClient:
+    return AiohttpHookClient(settings)

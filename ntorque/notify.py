@@ -1,0 +1,175 @@
+"""The doorbell: tell workers which tasks to look at. A hint only; the database decides.
+
+Three backends share one interface: Redis (``RPUSH``/``BLPOP`` on ``NTORQUE_REDIS_CHANNEL``),
+in-process (all roles in one process, no Redis) and none (separate processes, no Redis:
+workers find tasks by polling the database).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from redis import asyncio as aioredis
+from redis.exceptions import RedisError
+
+from .settings import Settings
+
+logger = logging.getLogger("ntorque.notify")
+
+
+class NotifyError(Exception):
+    """The notification channel is unavailable."""
+
+
+class Notifier(Protocol):
+    kind: str
+    # Whether ringing reaches workers at all (False: they find due tasks by polling).
+    rings: bool
+
+    async def notify(self, ids: Sequence[int]) -> None:
+        """Ring for ``ids``; raise :class:`NotifyError` if the channel is down."""
+
+    async def wait(self, max_items: int, timeout_s: float) -> list[int]:
+        """Up to ``max_items`` ids, waiting at most ``timeout_s`` for the first; [] if none."""
+
+    async def pending(self) -> int:
+        """How many notifications wait to be taken."""
+
+    async def close(self) -> None: ...
+
+
+def redis_client(settings: Settings, **kwargs: Any) -> aioredis.Redis:
+    """A Redis client for ``REDIS_URL``; Heroku's ``rediss://`` uses self-signed certificates."""
+    assert settings.redis_url is not None
+    options: dict[str, Any] = {
+        "socket_connect_timeout": 2,
+        "socket_keepalive": True,
+        "health_check_interval": 30,
+    }
+    if settings.redis_url.startswith("rediss://") and not settings.redis_tls_verify:
+        options["ssl_cert_reqs"] = None
+    options.update(kwargs)
+    return aioredis.Redis.from_url(settings.redis_url, **options)
+
+
+class RedisNotifier:
+    kind = "redis"
+    rings = True
+
+    def __init__(self, settings: Settings) -> None:
+        self.channel = settings.redis_channel
+        self._client = redis_client(settings, socket_timeout=5)
+        # BLPOP holds its connection for the whole wait: keep it off the client's pool.
+        self._blocking = redis_client(settings, socket_timeout=None)
+
+    async def notify(self, ids: Sequence[int]) -> None:
+        if not ids:
+            return
+        try:
+            await self._client.rpush(self.channel, *ids)
+        except (RedisError, OSError) as exc:
+            raise NotifyError(str(exc)) from exc
+
+    async def wait(self, max_items: int, timeout_s: float) -> list[int]:
+        try:
+            async with asyncio.timeout(timeout_s + 5):
+                first = await self._blocking.blpop([self.channel], timeout=timeout_s)
+                if first is None:
+                    return []
+                items = [first[1]]
+                if max_items > 1:
+                    more = await self._blocking.lpop(self.channel, max_items - 1)
+                    if isinstance(more, list):
+                        items.extend(more)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise NotifyError(str(exc)) from exc
+        return _ids(items)
+
+    async def pending(self) -> int:
+        try:
+            return int(await self._client.llen(self.channel))
+        except (RedisError, OSError) as exc:
+            raise NotifyError(str(exc)) from exc
+
+    async def close(self) -> None:
+        await self._client.aclose()
+        await self._blocking.aclose()
+
+
+class LocalNotifier:
+    """In-process doorbell for ``ntorque run`` without Redis. Duplicate ids ring once."""
+
+    kind = "local"
+    rings = True
+
+    def __init__(self) -> None:
+        self._ids: dict[int, None] = {}
+        self._event = asyncio.Event()
+
+    async def notify(self, ids: Sequence[int]) -> None:
+        for task_id in ids:
+            self._ids[task_id] = None
+        if self._ids:
+            self._event.set()
+
+    async def wait(self, max_items: int, timeout_s: float) -> list[int]:
+        if not self._ids:
+            self._event.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await self._event.wait()
+        taken: list[int] = []
+        while self._ids and len(taken) < max_items:
+            task_id = next(iter(self._ids))
+            del self._ids[task_id]
+            taken.append(task_id)
+        return taken
+
+    async def pending(self) -> int:
+        return len(self._ids)
+
+    async def close(self) -> None:
+        self._ids.clear()
+
+
+class PollingNotifier:
+    """No channel at all: ringing does nothing and workers find due tasks by polling."""
+
+    kind = "poll"
+    rings = False
+
+    async def notify(self, ids: Sequence[int]) -> None:
+        return None
+
+    async def wait(self, max_items: int, timeout_s: float) -> list[int]:
+        await asyncio.sleep(timeout_s)
+        return []
+
+    async def pending(self) -> int:
+        return 0
+
+    async def close(self) -> None:
+        return None
+
+
+def create_notifier(settings: Settings, *, in_process: bool) -> Notifier:
+    """Redis when configured; otherwise in-process if every role shares this process."""
+    if settings.redis_url:
+        return RedisNotifier(settings)
+    if in_process:
+        return LocalNotifier()
+    return PollingNotifier()
+
+
+def _ids(items: Sequence[Any]) -> list[int]:
+    ids = []
+    for item in items:
+        try:
+            ids.append(int(item))
+        except (TypeError, ValueError):
+            logger.warning("ignoring a malformed notification %r", item)
+    return ids

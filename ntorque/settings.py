@@ -1,0 +1,344 @@
+"""All configuration, read once from the environment into one frozen, typed object."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+logger = logging.getLogger("ntorque.settings")
+
+T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    """A configuration variable has a value ntorque cannot use."""
+
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError("must be true or false (also accepted: 1/0, yes/no, on/off)")
+
+
+def _int_range(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
+    def cast(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ValueError("must be an integer") from None
+        if lo is not None and value < lo:
+            raise ValueError(f"must be at least {lo}")
+        if hi is not None and value > hi:
+            raise ValueError(f"must be at most {hi}")
+        return value
+
+    return cast
+
+
+def _float_range(lo: float | None = None, hi: float | None = None) -> Callable[[str], float]:
+    def cast(raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ValueError("must be a number") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError("must be a finite number")
+        if lo is not None and value < lo:
+            raise ValueError(f"must be at least {lo:g}")
+        if hi is not None and value > hi:
+            raise ValueError(f"must be at most {hi:g}")
+        return value
+
+    return cast
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def cast(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError(f"must be one of: {', '.join(choices)}")
+        return value
+
+    return cast
+
+
+def _status_codes(raw: str) -> frozenset[int]:
+    codes: set[int] = set()
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if not part.isdigit() or not 400 <= int(part) <= 499:
+            raise ValueError(f"{part!r} is not a 4xx status code (a comma-separated list)")
+        codes.add(int(part))
+    return frozenset(codes)
+
+
+def _pool_class(raw: str) -> str:
+    value = raw.strip()
+    short = value.rsplit(".", 1)[-1]
+    allowed = {"NullPool", "QueuePool", "AsyncAdaptedQueuePool", "StaticPool"}
+    if short not in allowed:
+        raise ValueError(f"must be one of {', '.join(sorted(allowed))} (e.g. NullPool)")
+    return short
+
+
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def normalise_database_url(raw: str) -> tuple[str, dict[str, Any]]:
+    """Turn a Heroku-style ``postgres://…?sslmode=…`` URL into one SQLAlchemy+asyncpg accept.
+
+    Returns the URL and the connect arguments (``ssl``) that the query string implied.
+    """
+    parts = urlsplit(raw.strip())
+    scheme = parts.scheme.lower()
+    connect_args: dict[str, Any] = {}
+    if scheme in ("postgres", "postgresql", "postgresql+asyncpg"):
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        kept = []
+        for key, value in query:
+            if key in ("sslmode", "ssl"):
+                if value not in (
+                    "disable",
+                    "allow",
+                    "prefer",
+                    "require",
+                    "verify-ca",
+                    "verify-full",
+                ):
+                    raise ValueError(f"unknown sslmode {value!r}")
+                connect_args["ssl"] = value
+            else:
+                kept.append((key, value))
+        url = urlunsplit(("postgresql+asyncpg", parts.netloc, parts.path, urlencode(kept), ""))
+        return url, connect_args
+    if scheme in ("sqlite", "sqlite+aiosqlite"):
+        return urlunsplit(("sqlite+aiosqlite", parts.netloc, parts.path, parts.query, "")), {}
+    raise ValueError("must be a postgres://, postgresql:// or sqlite:// URL")
+
+
+def _redis_url(raw: str) -> str:
+    value = raw.strip()
+    if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    return value
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    """ntorque's configuration. Build it with :func:`Settings.from_env`; tests pass one in."""
+
+    database_url: str = dataclasses.field(repr=False)
+    database_connect_args: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+    redis_url: str | None = dataclasses.field(default=None, repr=False)
+    port: int = 5100
+    backoff: Literal["exponential", "linear"] = "exponential"
+    cleanup_after_days: float = 7
+    cleanup_interval_s: float = 3600
+    cleanup_batch: int = 1000
+    default_timeout_s: int = 60
+    max_timeout_s: int = 3600
+    min_due_delay_s: float = 2
+    max_due_delay_s: float = 7200
+    max_retries: int = 36
+    requeue_interval_s: float = 5
+    requeue_batch: int = 1000
+    notify_backlog_limit: int = 10000
+    transient_request_errors: frozenset[int] = frozenset({408, 423, 429, 449})
+    authenticate: bool = True
+    auth_cache_s: float = 5
+    enable_hsts: bool = False
+    hsts_protocol_header: str | None = None
+    redis_channel: str = "ntorque"
+    redis_tls_verify: bool = False
+    mode: str | None = None
+    pool_size: int | None = None
+    pool_max_overflow: int | None = None
+    pool_recycle_s: int | None = None
+    pool_timeout_s: float | None = None
+    pool_class: str | None = None
+    db_timeout_s: float = 5
+    auto_migrate: bool = True
+    max_body_bytes: int = 1024 * 1024
+    max_url_length: int = 2048
+    max_passthrough_headers: int = 32
+    worker_concurrency: int = 100
+    poll_interval_s: float = 0.5
+    shutdown_grace_s: float = 25
+    max_redirects: int = 10
+    ca_bundle: str | None = None
+    max_response_bytes: int = 64 * 1024
+    metrics_port: int | None = None
+    metrics_publish_interval_s: float = 15
+    web_concurrency: int = 1
+    log_level: str = "INFO"
+    bootstrap_app: bool = True
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def development(self) -> bool:
+        return self.mode == "development"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate every variable; raise :class:`SettingsError` naming the bad one."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+
+        def read(name: str, field: str, cast: Callable[[str], Any]) -> None:
+            raw = env.get(name)
+            if raw is None or raw.strip() == "":
+                return
+            try:
+                values[field] = cast(raw)
+            except ValueError as exc:
+                raise SettingsError(f"{name}={raw!r}: {exc}") from None
+
+        raw_db = env.get("DATABASE_URL", "").strip()
+        if raw_db:
+            try:
+                url, connect_args = normalise_database_url(raw_db)
+            except ValueError as exc:
+                raise SettingsError(f"DATABASE_URL: {exc}") from None
+        else:
+            path = Path(env.get("NTORQUE_SQLITE_PATH", "").strip() or "ntorque.sqlite3")
+            url, connect_args = f"sqlite+aiosqlite:///{path.expanduser().resolve()}", {}
+        values["database_url"] = url
+        values["database_connect_args"] = connect_args
+
+        read("REDIS_URL", "redis_url", _redis_url)
+        read("PORT", "port", _int_range(0, 65535))
+        read("NTORQUE_BACKOFF", "backoff", _choice("exponential", "linear"))
+        read("NTORQUE_CLEANUP_AFTER_DAYS", "cleanup_after_days", _float_range(0))
+        read("NTORQUE_CLEANUP_INTERVAL", "cleanup_interval_s", _float_range(0.01))
+        read("NTORQUE_CLEANUP_BATCH", "cleanup_batch", _int_range(1, 100_000))
+        read("NTORQUE_DEFAULT_TIMEOUT", "default_timeout_s", _int_range(1))
+        read("NTORQUE_MAX_TIMEOUT", "max_timeout_s", _int_range(1))
+        read("NTORQUE_MIN_DUE_DELAY", "min_due_delay_s", _float_range(0))
+        read("NTORQUE_MAX_DUE_DELAY", "max_due_delay_s", _float_range(0))
+        read("NTORQUE_MAX_RETRIES", "max_retries", _int_range(0, 1000))
+        read("NTORQUE_REQUEUE_INTERVAL", "requeue_interval_s", _float_range(0.01))
+        read("NTORQUE_REQUEUE_BATCH", "requeue_batch", _int_range(1, 100_000))
+        read("NTORQUE_NOTIFY_BACKLOG_LIMIT", "notify_backlog_limit", _int_range(1))
+        read("NTORQUE_TRANSIENT_REQUEST_ERRORS", "transient_request_errors", _status_codes)
+        read("NTORQUE_AUTHENTICATE", "authenticate", _bool)
+        read("NTORQUE_AUTH_CACHE_SECONDS", "auth_cache_s", _float_range(0))
+        read("NTORQUE_ENABLE_HSTS", "enable_hsts", _bool)
+        read("HSTS_PROTOCOL_HEADER", "hsts_protocol_header", lambda raw: raw.strip().lower())
+        read("NTORQUE_REDIS_CHANNEL", "redis_channel", str.strip)
+        read("NTORQUE_REDIS_TLS_VERIFY", "redis_tls_verify", _bool)
+        read("MODE", "mode", _choice("development", "production"))
+        read("SQLALCHEMY_POOL_SIZE", "pool_size", _int_range(1))
+        read("SQLALCHEMY_MAX_OVERFLOW", "pool_max_overflow", _int_range(-1))
+        read("SQLALCHEMY_POOL_RECYCLE", "pool_recycle_s", _int_range(-1))
+        read("SQLALCHEMY_POOL_TIMEOUT", "pool_timeout_s", _float_range(0.1))
+        read("SQLALCHEMY_POOL_CLASS", "pool_class", _pool_class)
+        read("NTORQUE_DB_TIMEOUT", "db_timeout_s", _float_range(0.1))
+        read("NTORQUE_AUTO_MIGRATE", "auto_migrate", _bool)
+        read("NTORQUE_MAX_BODY_BYTES", "max_body_bytes", _int_range(0))
+        read("NTORQUE_MAX_URL_LENGTH", "max_url_length", _int_range(16, 65536))
+        read("NTORQUE_MAX_PASSTHROUGH_HEADERS", "max_passthrough_headers", _int_range(0, 1000))
+        read("NTORQUE_WORKER_CONCURRENCY", "worker_concurrency", _int_range(1, 10_000))
+        read("NTORQUE_POLL_INTERVAL", "poll_interval_s", _float_range(0.01))
+        read("NTORQUE_SHUTDOWN_GRACE", "shutdown_grace_s", _float_range(0))
+        read("NTORQUE_MAX_REDIRECTS", "max_redirects", _int_range(0, 100))
+        read("NTORQUE_CA_BUNDLE", "ca_bundle", _existing_file)
+        read("NTORQUE_MAX_RESPONSE_BYTES", "max_response_bytes", _int_range(0))
+        read("NTORQUE_METRICS_PORT", "metrics_port", _int_range(0, 65535))
+        read("NTORQUE_METRICS_PUBLISH_INTERVAL", "metrics_publish_interval_s", _float_range(0.1))
+        read("WEB_CONCURRENCY", "web_concurrency", _int_range(1, 256))
+        read("NTORQUE_LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error"))
+        read("NTORQUE_BOOTSTRAP_APP", "bootstrap_app", _bool)
+        if "log_level" in values:
+            values["log_level"] = values["log_level"].upper()
+
+        settings = cls(**values)
+        settings.check()
+        unknown = sorted(k for k in env if k.startswith("NTORQUE_") and k not in KNOWN_VARIABLES)
+        for name in unknown:
+            logger.warning("unknown configuration variable %s is ignored", name)
+        return settings
+
+    def check(self) -> None:
+        """Reject combinations that each look valid alone."""
+        if self.max_due_delay_s < self.min_due_delay_s:
+            raise SettingsError(
+                f"NTORQUE_MAX_DUE_DELAY={self.max_due_delay_s:g} is below "
+                f"NTORQUE_MIN_DUE_DELAY={self.min_due_delay_s:g}"
+            )
+        if self.default_timeout_s > self.max_timeout_s:
+            raise SettingsError(
+                f"NTORQUE_DEFAULT_TIMEOUT={self.default_timeout_s} is above "
+                f"NTORQUE_MAX_TIMEOUT={self.max_timeout_s}"
+            )
+        if not self.redis_channel:
+            raise SettingsError("NTORQUE_REDIS_CHANNEL: must not be empty")
+
+    def replace(self, **changes: Any) -> Settings:
+        new = dataclasses.replace(self, **changes)
+        new.check()
+        return new
+
+
+def _existing_file(raw: str) -> str:
+    path = Path(raw.strip()).expanduser()
+    if not path.is_file():
+        raise ValueError("no such file")
+    return str(path)
+
+
+KNOWN_VARIABLES = frozenset(
+    {
+        "NTORQUE_SQLITE_PATH",
+        "NTORQUE_BACKOFF",
+        "NTORQUE_CLEANUP_AFTER_DAYS",
+        "NTORQUE_CLEANUP_INTERVAL",
+        "NTORQUE_CLEANUP_BATCH",
+        "NTORQUE_DEFAULT_TIMEOUT",
+        "NTORQUE_MAX_TIMEOUT",
+        "NTORQUE_MIN_DUE_DELAY",
+        "NTORQUE_MAX_DUE_DELAY",
+        "NTORQUE_MAX_RETRIES",
+        "NTORQUE_REQUEUE_INTERVAL",
+        "NTORQUE_REQUEUE_BATCH",
+        "NTORQUE_NOTIFY_BACKLOG_LIMIT",
+        "NTORQUE_TRANSIENT_REQUEST_ERRORS",
+        "NTORQUE_AUTHENTICATE",
+        "NTORQUE_AUTH_CACHE_SECONDS",
+        "NTORQUE_ENABLE_HSTS",
+        "NTORQUE_REDIS_CHANNEL",
+        "NTORQUE_REDIS_TLS_VERIFY",
+        "NTORQUE_DB_TIMEOUT",
+        "NTORQUE_AUTO_MIGRATE",
+        "NTORQUE_MAX_BODY_BYTES",
+        "NTORQUE_MAX_URL_LENGTH",
+        "NTORQUE_MAX_PASSTHROUGH_HEADERS",
+        "NTORQUE_WORKER_CONCURRENCY",
+        "NTORQUE_POLL_INTERVAL",
+        "NTORQUE_SHUTDOWN_GRACE",
+        "NTORQUE_MAX_REDIRECTS",
+        "NTORQUE_CA_BUNDLE",
+        "NTORQUE_MAX_RESPONSE_BYTES",
+        "NTORQUE_METRICS_PORT",
+        "NTORQUE_METRICS_PUBLISH_INTERVAL",
+        "NTORQUE_LOG_LEVEL",
+        "NTORQUE_BOOTSTRAP_APP",
+        "NTORQUE_URL",  # clients' conventional name for the service's address
+    }
+)

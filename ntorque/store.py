@@ -1,0 +1,360 @@
+"""Every SQL statement ntorque runs. The locking and fencing rules are reviewed here, once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from . import db
+from .backoff import backoff_table
+from .constants import COMPLETED, FAILED, PENDING
+from .models import NewTask, Outcome, Task
+from .schema import applications, tasks
+from .settings import Settings
+
+# Largest id PostgreSQL's BIGINT holds: anything beyond is "no such task", not an error.
+MAX_TASK_ID = 2**63 - 1
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be reached or did not answer in time."""
+
+
+@dataclass(frozen=True, slots=True)
+class App:
+    id: int
+    name: str
+    is_active: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    due: int
+    oldest_due_age_s: float
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+class Store:
+    """The narrow store API the web, worker and clock use; the dialect stays in here."""
+
+    def __init__(self, engine: AsyncEngine, settings: Settings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.dialect = engine.dialect.name
+        self._is_pg = self.dialect == "postgresql"
+        table = backoff_table(
+            settings.max_retries + 1,
+            strategy=settings.backoff,
+            min_delay_s=settings.min_due_delay_s,
+            max_delay_s=settings.max_due_delay_s,
+        )
+        # The lease set at acquire: now + timeout + backoff(new retry_count), per row, in SQL.
+        lease_backoff = sa.case(
+            {old: sa.literal(table[old + 1], sa.Float) for old in range(len(table) - 1)},
+            value=tasks.c.retry_count,
+            else_=sa.literal(settings.max_due_delay_s, sa.Float),
+        )
+        self._lease_backoff = lease_backoff
+        self._returning = list(tasks.c)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Store:
+        return cls(db.create_engine(settings), settings)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    # -- health -----------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+
+    # -- applications -----------------------------------------------------------------
+
+    async def create_app(self, name: str) -> tuple[App, str]:
+        """Create an active app; return it with its API key (only its hash is stored)."""
+        key = secrets.token_hex(20)
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    applications.insert()
+                    .values(name=name, key_hash=hash_key(key), is_active=True, created=time.time())
+                    .returning(applications.c.id)
+                )
+            ).one()
+        return App(id=row.id, name=name, is_active=True), key
+
+    async def set_app_active(self, name: str, active: bool) -> int:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                applications.update().where(applications.c.name == name).values(is_active=active)
+            )
+        return int(result.rowcount)
+
+    async def app_for_key(self, key: str) -> App | None:
+        """The active app owning ``key``, or None."""
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(
+                        applications.c.id, applications.c.name, applications.c.is_active
+                    ).where(applications.c.key_hash == hash_key(key))
+                )
+            ).first()
+        if row is None or not row.is_active:
+            return None
+        return App(id=row.id, name=row.name, is_active=True)
+
+    async def count_apps(self) -> int:
+        async with self.engine.connect() as conn:
+            return int(
+                (
+                    await conn.execute(sa.select(sa.func.count()).select_from(applications))
+                ).scalar_one()
+            )
+
+    # -- tasks: enqueue and read ------------------------------------------------------
+
+    async def add_tasks(self, new: Sequence[NewTask]) -> list[Task]:
+        """Insert tasks in one transaction (a group commit); return them in the given order."""
+        now = time.time()
+        rows = [
+            {
+                "app_id": t.app_id,
+                "url": t.url,
+                "method": t.method,
+                "timeout": t.timeout,
+                "body": t.body,
+                "content_type": t.content_type,
+                "headers": json.dumps(t.headers),
+                "trace_context": t.trace_context,
+                "status": PENDING,
+                "retry_count": 0,
+                "due": now,
+                "created": now,
+                "modified": now,
+            }
+            for t in new
+        ]
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                tasks.insert().returning(tasks.c.id, sort_by_parameter_order=True), rows
+            )
+            ids = [r.id for r in result]
+        return [
+            Task(
+                id=task_id,
+                app_id=t.app_id,
+                url=t.url,
+                method=t.method,
+                timeout=t.timeout,
+                body=t.body,
+                content_type=t.content_type,
+                headers=t.headers,
+                trace_context=t.trace_context,
+                status=PENDING,
+                retry_count=0,
+                due=now,
+                created=now,
+                modified=now,
+                last_status=None,
+                last_error=None,
+            )
+            for task_id, t in zip(ids, new, strict=True)
+        ]
+
+    async def get_task(self, task_id: int, app_id: int | None = None) -> Task | None:
+        """The task, or None if it does not exist or belongs to another app."""
+        if not 0 < task_id <= MAX_TASK_ID:
+            return None
+        query = sa.select(tasks).where(tasks.c.id == task_id)
+        if app_id is not None:
+            query = query.where(tasks.c.app_id == app_id)
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        return None if row is None else Task.from_row(row)
+
+    # -- tasks: acquire and record ----------------------------------------------------
+
+    def _acquirable(self, now: float) -> sa.ColumnElement[bool]:
+        return sa.and_(
+            tasks.c.status == PENDING,
+            tasks.c.due <= now,
+            tasks.c.retry_count <= self.settings.max_retries,
+        )
+
+    async def _acquire_where(self, ids: sa.Select[Any], now: float) -> list[Task]:
+        # The inner SELECT locks the rows it picks and skips rows another worker holds;
+        # the outer UPDATE takes the attempt and sets the lease. Under READ COMMITTED the
+        # lock re-checks the row's newest version, so one attempt has exactly one owner.
+        stmt = (
+            tasks.update()
+            .where(tasks.c.id.in_(ids.scalar_subquery()))
+            .values(
+                retry_count=tasks.c.retry_count + 1,
+                due=sa.literal(now, sa.Float) + tasks.c.timeout + self._lease_backoff,
+                modified=now,
+            )
+            .returning(*self._returning)
+        )
+        async with self.engine.begin() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return [Task.from_row(r) for r in rows]
+
+    async def acquire(self, ids: Sequence[int], now: float | None = None) -> list[Task]:
+        """Take the next attempt of each of ``ids`` that is pending and due; skip the rest."""
+        ids = sorted({i for i in ids if 0 < i <= MAX_TASK_ID})
+        if not ids:
+            return []
+        now = time.time() if now is None else now
+        if self._is_pg:
+            match = tasks.c.id == sa.any_(
+                sa.bindparam("ids", ids, type_=postgresql.ARRAY(sa.BigInteger))
+            )
+        else:
+            match = tasks.c.id.in_(ids)
+        inner = (
+            sa.select(tasks.c.id)
+            .where(match, self._acquirable(now))
+            .with_for_update(skip_locked=True)
+        )
+        return await self._acquire_where(inner, now)
+
+    async def acquire_due(self, limit: int, now: float | None = None) -> list[Task]:
+        """Take up to ``limit`` due tasks, oldest due first (the poll when no one rang)."""
+        now = time.time() if now is None else now
+        inner = (
+            sa.select(tasks.c.id)
+            .where(self._acquirable(now))
+            .order_by(tasks.c.due)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return await self._acquire_where(inner, now)
+
+    async def record(self, outcomes: Sequence[Outcome]) -> int:
+        """Record outcomes; only the attempt that still holds its task's lease may write.
+
+        Returns how many were recorded; a stale attempt's outcome is silently dropped.
+        """
+        if not outcomes:
+            return 0
+        now = time.time()
+        stmt = (
+            tasks.update()
+            .where(
+                tasks.c.id == sa.bindparam("b_id"),
+                tasks.c.retry_count == sa.bindparam("b_attempt"),
+                tasks.c.status == PENDING,
+            )
+            .values(
+                status=sa.bindparam("b_status"),
+                due=sa.bindparam("b_due"),
+                modified=now,
+                last_status=sa.bindparam("b_code"),
+                last_error=sa.bindparam("b_error"),
+            )
+        )
+        params = [
+            {
+                "b_id": o.task_id,
+                "b_attempt": o.attempt,
+                "b_status": o.status,
+                "b_due": o.due,
+                "b_code": o.status_code,
+                "b_error": o.error,
+            }
+            for o in outcomes
+        ]
+        async with self.engine.begin() as conn:
+            result = await conn.execute(stmt, params)
+        rowcount = result.rowcount
+        return int(rowcount) if rowcount is not None and rowcount >= 0 else len(outcomes)
+
+    # -- clock ------------------------------------------------------------------------
+
+    async def due_ids(
+        self, limit: int, now: float | None = None, after: tuple[float, int] | None = None
+    ) -> list[tuple[float, int]]:
+        """Up to ``limit`` (due, id) of acquirable tasks in due order, after the ``after`` key."""
+        now = time.time() if now is None else now
+        query = sa.select(tasks.c.due, tasks.c.id).where(self._acquirable(now))
+        if after is not None:
+            query = query.where(sa.tuple_(tasks.c.due, tasks.c.id) > sa.tuple_(*after))
+        query = query.order_by(tasks.c.due, tasks.c.id).limit(limit)
+        async with self.engine.connect() as conn:
+            return [(r.due, r.id) for r in await conn.execute(query)]
+
+    async def fail_exhausted(self, now: float | None = None) -> int:
+        """Fail tasks whose last allowed attempt's lease ran out with no outcome recorded."""
+        now = time.time() if now is None else now
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                tasks.update()
+                .where(
+                    tasks.c.status == PENDING,
+                    tasks.c.due <= now,
+                    tasks.c.retry_count > self.settings.max_retries,
+                )
+                .values(
+                    status=FAILED,
+                    modified=now,
+                    last_error="the last attempt's lease expired without an answer",
+                )
+            )
+        return int(result.rowcount)
+
+    async def cleanup(self, older_than: float, batch: int) -> int:
+        """Delete up to ``batch`` finished tasks last modified before ``older_than``."""
+        doomed = (
+            sa.select(tasks.c.id)
+            .where(tasks.c.status.in_((COMPLETED, FAILED)), tasks.c.modified < older_than)
+            .order_by(tasks.c.modified)
+            .limit(batch)
+        )
+        if self._is_pg:
+            doomed = doomed.with_for_update(skip_locked=True)
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                tasks.delete().where(tasks.c.id.in_(doomed.scalar_subquery()))
+            )
+        return int(result.rowcount)
+
+    async def backlog(self, now: float | None = None) -> Backlog:
+        """How many tasks are due now, and how long the oldest has waited."""
+        now = time.time() if now is None else now
+        query = sa.select(sa.func.count(), sa.func.min(tasks.c.due)).where(
+            tasks.c.status == PENDING, tasks.c.due <= now
+        )
+        async with self.engine.connect() as conn:
+            count, oldest = (await conn.execute(query)).one()
+        return Backlog(due=int(count), oldest_due_age_s=0.0 if oldest is None else now - oldest)
+
+    async def schema_ready(self) -> bool:
+        async with self.engine.connect() as conn:
+            return await conn.run_sync(lambda c: sa.inspect(c).has_table("tasks"))
+
+
+def connection_errors() -> tuple[type[Exception], ...]:
+    """Exceptions that mean 'the database cannot serve us now', whatever the driver."""
+    return (
+        StoreUnavailable,
+        OSError,
+        TimeoutError,
+        sa.exc.OperationalError,
+        sa.exc.InterfaceError,
+        sa.exc.DBAPIError,
+    )

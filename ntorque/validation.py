@@ -1,0 +1,147 @@
+"""Checking an enqueue request: every bad input becomes a 4xx with a message naming it."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from starlette.requests import ClientDisconnect, Request
+
+from .constants import FORBIDDEN_PASSTHROUGH, METHODS, PASSTHROUGH_PREFIX
+from .hooks import check_url
+from .settings import Settings
+
+TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+DIGITS = re.compile(r"^[0-9]{1,10}$")
+MAX_HEADER_VALUE = 8192
+MAX_CONTENT_TYPE = 1024
+
+
+class BadRequest(Exception):
+    """The request cannot become a task."""
+
+    def __init__(self, message: str, code: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    url: str
+    host: str
+    method: str
+    timeout: int
+    content_type: str | None
+    headers: list[tuple[str, str]]
+
+
+def _single(request: Request, name: str) -> str | None:
+    values = request.query_params.getlist(name)
+    if len(values) > 1:
+        raise BadRequest(f"{name} is given more than once", f"bad_{name}")
+    return values[0] if values else None
+
+
+def task_from_request(request: Request, settings: Settings) -> TaskSpec:
+    """Validate everything but the body."""
+    url = _single(request, "url")
+    if url is None or url == "":
+        raise BadRequest("the url query parameter is required", "bad_url")
+    if len(url) > settings.max_url_length:
+        raise BadRequest(f"url is longer than {settings.max_url_length} characters", "bad_url")
+    problem, host = check_url(url)
+    if problem is not None:
+        raise BadRequest(f"url {problem}", "bad_url")
+
+    raw_method = _single(request, "method")
+    method = "POST" if raw_method is None else raw_method.strip().upper()
+    if method not in METHODS:
+        raise BadRequest(f"method must be one of {', '.join(METHODS)}", "bad_method")
+
+    raw_timeout = _single(request, "timeout")
+    timeout = settings.default_timeout_s
+    if raw_timeout is not None:
+        if not DIGITS.match(raw_timeout):
+            raise BadRequest("timeout must be a whole number of seconds", "bad_timeout")
+        timeout = int(raw_timeout)
+        if timeout < 1:
+            raise BadRequest("timeout must be at least 1 second", "bad_timeout")
+        if timeout > settings.max_timeout_s:
+            raise BadRequest(
+                f"timeout must be at most {settings.max_timeout_s} seconds", "bad_timeout"
+            )
+
+    content_type = request.headers.get("content-type")
+    if content_type is not None and (
+        len(content_type) > MAX_CONTENT_TYPE or not _printable(content_type)
+    ):
+        raise BadRequest("the Content-Type header is malformed", "bad_content_type")
+
+    return TaskSpec(
+        url=url,
+        host=host,
+        method=method,
+        timeout=timeout,
+        content_type=content_type or None,
+        headers=passthrough_headers(request, settings),
+    )
+
+
+def passthrough_headers(request: Request, settings: Settings) -> list[tuple[str, str]]:
+    """``NTORQUE-PASSTHROUGH-<Name>: v`` request headers, as ``<Name>: v`` pairs."""
+    headers: list[tuple[str, str]] = []
+    for raw_name, raw_value in request.headers.raw:
+        name = raw_name.decode("latin-1").lower()
+        if not name.startswith(PASSTHROUGH_PREFIX):
+            continue
+        target = name[len(PASSTHROUGH_PREFIX) :]
+        if not target or not TOKEN.match(target):
+            raise BadRequest(f"passthrough header name {target!r} is not valid", "bad_header")
+        if target in FORBIDDEN_PASSTHROUGH:
+            raise BadRequest(
+                f"passthrough header {target!r} is not allowed (it would break the request)",
+                "bad_header",
+            )
+        value = raw_value.decode("latin-1")
+        if len(value) > MAX_HEADER_VALUE or not _printable(value):
+            raise BadRequest(
+                f"passthrough header {target!r} has a malformed or over-long value",
+                "bad_header",
+            )
+        headers.append((target, value))
+    if len(headers) > settings.max_passthrough_headers:
+        raise BadRequest(
+            f"at most {settings.max_passthrough_headers} passthrough headers are allowed",
+            "bad_header",
+        )
+    return headers
+
+
+def _printable(value: str) -> bool:
+    # Tabs are legal inside header values; other control characters (CR, LF, NUL) are not.
+    return all(ch == "\t" or (ch >= " " and ch != "\x7f") for ch in value)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes ``limit`` (never buffered whole)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise BadRequest("the Content-Length header is malformed", "bad_content_length")
+        if int(declared) > limit:
+            raise BadRequest(f"the body is larger than {limit} bytes", "body_too_large", 413)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BadRequest(f"the body is larger than {limit} bytes", "body_too_large", 413)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise BadRequest(
+            "the client went away before the body arrived", "client_disconnect"
+        ) from None
+    return b"".join(chunks)

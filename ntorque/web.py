@@ -1,0 +1,316 @@
+"""The HTTP API (nTorque 0.4 compatible): routes only; rules live in validation and store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from opentelemetry import trace
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from . import __version__, metrics, observe, tracing
+from .batching import Batcher
+from .models import NewTask, Task
+from .notify import Notifier, NotifyError, create_notifier
+from .settings import Settings
+from .store import App, Store, connection_errors, hash_key
+from .validation import BadRequest, read_body, task_from_request
+
+logger = logging.getLogger("ntorque.web")
+
+NOTIFY_TIMEOUT_S = 1.0
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+
+
+def error_response(status: int, message: str, code: str, **headers: str) -> JSONResponse:
+    return JSONResponse({"error": message, "code": code}, status_code=status, headers=headers)
+
+
+class Api:
+    """The state behind the routes: store, notifier, the group-commit batcher, the key cache."""
+
+    def __init__(self, settings: Settings, store: Store, notifier: Notifier) -> None:
+        self.settings = settings
+        self.store = store
+        self.notifier = notifier
+        self.inserter: Batcher[NewTask, Task] = Batcher(
+            self._insert_and_notify, max_batch=1000, concurrency=3, name="enqueue"
+        )
+        self._keys: dict[str, tuple[App | None, float]] = {}
+
+    async def _insert_and_notify(self, new: list[NewTask]) -> list[Task]:
+        added = await self.store.add_tasks(new)
+        # Committed: only now may anyone be told.
+        await self.ring([t.id for t in added])
+        return added
+
+    async def ring(self, ids: list[int]) -> None:
+        try:
+            async with asyncio.timeout(NOTIFY_TIMEOUT_S):
+                await self.notifier.notify(ids)
+        except (NotifyError, TimeoutError) as exc:
+            # The task is stored; the clock's requeue will ring for it.
+            metrics.NOTIFY_FAILURES.labels(role="web").inc()
+            logger.warning("action=notify failed for %d tasks: %s", len(ids), exc)
+
+    async def db(self, awaitable: Any) -> Any:
+        """Await a store call, turning an unreachable database into a prompt 503."""
+        try:
+            async with asyncio.timeout(self.settings.db_timeout_s):
+                return await awaitable
+        except connection_errors() as exc:
+            logger.error("database unavailable: %s", exc)
+            raise ApiError(503, "the database is unavailable, try again", "unavailable") from exc
+
+    async def authenticate(self, request: Request) -> App | None:
+        """The caller's app; None when authentication is off. Raises 401 otherwise."""
+        if not self.settings.authenticate:
+            return None
+        key = _api_key(request)
+        if not key:
+            raise ApiError(401, "an API key is required (header NTORQUE_API_KEY)", "unauthorized")
+        digest = hash_key(key)
+        cached = self._keys.get(digest)
+        now = time.monotonic()
+        if cached is not None and cached[1] > now:
+            app = cached[0]
+        else:
+            app = await self.db(self.store.app_for_key(key))
+            if app is not None:
+                if len(self._keys) > 10_000:
+                    self._keys.clear()
+                self._keys[digest] = (app, now + self.settings.auth_cache_s)
+        if app is None:
+            raise ApiError(401, "unknown or inactive API key", "unauthorized")
+        return app
+
+    async def task_for(self, request: Request, app: App | None) -> Task:
+        raw = request.path_params["task_id"]
+        if not raw.isascii() or not raw.isdigit() or len(raw) > 19:
+            raise ApiError(404, "no such task", "not_found")
+        task: Task | None = await self.db(
+            self.store.get_task(int(raw), None if app is None else app.id)
+        )
+        if task is None:
+            raise ApiError(404, "no such task", "not_found")
+        return task
+
+
+def _api_key(request: Request) -> str | None:
+    for name in ("ntorque_api_key", "ntorque-api-key"):
+        value = request.headers.get(name)
+        if value:
+            return value.strip()
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return None
+
+
+def _api(request: Request) -> Api:
+    api: Api = request.app.state.api
+    return api
+
+
+async def banner(request: Request) -> Response:
+    return PlainTextResponse(f"ntorque {__version__}: a web-hook task queue.\n")
+
+
+async def enqueue(request: Request) -> Response:
+    started = time.perf_counter()
+    api = _api(request)
+    app = await api.authenticate(request)
+    spec = task_from_request(request, api.settings)
+    body = await read_body(request, api.settings.max_body_bytes)
+    with tracing.tracer.start_as_current_span(
+        "enqueue",
+        context=tracing.extract(request.headers),
+        kind=trace.SpanKind.SERVER,
+        attributes={"http.request.method": spec.method, "server.address": spec.host},
+    ) as span:
+        new = NewTask(
+            url=spec.url,
+            method=spec.method,
+            timeout=spec.timeout,
+            body=body,
+            content_type=spec.content_type,
+            headers=spec.headers,
+            app_id=None if app is None else app.id,
+            trace_context=tracing.current_carrier(),
+        )
+        task: Task = await api.db(api.inserter.submit(new))
+        span.set_attribute("ntorque.task.id", task.id)
+    metrics.TASKS_ENQUEUED.labels(app="-" if app is None else app.name).inc()
+    metrics.ENQUEUE_SECONDS.observe(time.perf_counter() - started)
+    location = f"{str(request.base_url).rstrip('/')}/tasks/{task.id}"
+    return JSONResponse(task.to_json(), status_code=201, headers={"Location": location})
+
+
+async def show_task(request: Request) -> Response:
+    api = _api(request)
+    task = await api.task_for(request, await api.authenticate(request))
+    return JSONResponse(task.to_json())
+
+
+async def push_task(request: Request) -> Response:
+    api = _api(request)
+    task = await api.task_for(request, await api.authenticate(request))
+    if task.status == "PENDING":
+        await api.ring([task.id])
+    location = f"{str(request.base_url).rstrip('/')}/tasks/{task.id}"
+    return JSONResponse(task.to_json(), status_code=201, headers={"Location": location})
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    body, content_type = observe.exposition()
+    return Response(body, media_type=content_type)
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    headers = {"Retry-After": "5"} if exc.status == 503 else {}
+    return error_response(exc.status, exc.message, exc.code, **headers)
+
+
+async def _bad_request(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, BadRequest)
+    metrics.ENQUEUE_REJECTED.labels(reason=exc.code).inc()
+    return error_response(exc.status, exc.message, exc.code)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    headers = dict(exc.headers or {})
+    return JSONResponse(
+        {"error": exc.detail, "code": codes.get(exc.status_code, "http_error")},
+        status_code=exc.status_code,
+        headers=headers,
+    )
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    logger.exception("unexpected error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal error", "internal")
+
+
+class HSTSMiddleware:
+    """HSTS, and a redirect to https when the proxy's protocol header says http."""
+
+    def __init__(self, app: ASGIApp, protocol_header: str | None) -> None:
+        self.app = app
+        self.protocol_header = protocol_header.encode() if protocol_header else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.protocol_header is not None:
+            proto = dict(scope["headers"]).get(self.protocol_header, b"").decode("latin-1")
+            if proto.lower() == "http":
+                request = Request(scope)
+                status = 301 if scope["method"] in ("GET", "HEAD") else 308
+                url = request.url.replace(scheme="https")
+                await RedirectResponse(str(url), status_code=status)(scope, receive, send)
+                return
+
+        async def send_with_hsts(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [
+                    *message["headers"],
+                    (b"strict-transport-security", b"max-age=31536000; includeSubDomains"),
+                ]
+            await send(message)
+
+        await self.app(scope, receive, send_with_hsts)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    store: Store | None = None,
+    notifier: Notifier | None = None,
+) -> Starlette:
+    """The Starlette app. Given a store/notifier it uses them; else it opens its own."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        own_store = store is None
+        own_notifier = notifier is None
+        the_store = store if store is not None else await open_store(settings)
+        the_notifier = notifier or create_notifier(settings, in_process=False)
+        api = Api(settings, the_store, the_notifier)
+        app.state.api = api
+        try:
+            yield
+        finally:
+            await api.inserter.drain()
+            if own_notifier:
+                await the_notifier.close()
+            if own_store:
+                await the_store.close()
+
+    middleware = []
+    if settings.enable_hsts:
+        middleware.append(Middleware(HSTSMiddleware, protocol_header=settings.hsts_protocol_header))
+    routes = [
+        Route("/", banner, methods=["GET"]),
+        Route("/", enqueue, methods=["POST"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+    ]
+    for prefix in ("/tasks", "/task"):
+        routes.append(Route(prefix + "/{task_id}", show_task, methods=["GET"]))
+        routes.append(Route(prefix + "/{task_id}/push", push_task, methods=["POST"]))
+    return Starlette(
+        debug=settings.development,
+        routes=routes,
+        middleware=middleware,
+        lifespan=lifespan,
+        exception_handlers={
+            ApiError: _api_error,
+            BadRequest: _bad_request,
+            HTTPException: _http_error,
+            Exception: _server_error,
+        },
+    )
+
+
+async def open_store(settings: Settings) -> Store:
+    """A store on a schema that is ready: migrated first where ntorque owns the migration."""
+    from .db import upgrade_async
+
+    if settings.auto_migrate:
+        try:
+            await upgrade_async(settings)
+        except connection_errors() as exc:
+            # Serve 503s until the database is back rather than crash-looping.
+            logger.error("could not migrate, database unavailable: %s", exc)
+    return Store.from_settings(settings)
+
+
+def asgi_app() -> Starlette:
+    """Factory for uvicorn (``ntorque web``): settings from the environment."""
+    from . import tracing
+
+    settings = Settings.from_env()
+    tracing.setup_tracing("web")
+    return create_app(settings)

@@ -1,0 +1,222 @@
+"""The worker: wait for a doorbell (or the poll interval), acquire, call hooks, record outcomes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from opentelemetry import trace
+
+from . import metrics, tracing
+from .batching import Batcher
+from .hooks import HookClient, HookResult, decide
+from .models import Outcome, Task
+from .notify import Notifier, NotifyError
+from .settings import Settings
+from .store import Store, connection_errors
+
+logger = logging.getLogger("ntorque.worker")
+
+# After a database or Redis error, wait this long before trying again.
+ERROR_PAUSE_S = 1.0
+RECORD_ATTEMPTS = 3
+
+
+class Worker:
+    def __init__(
+        self, settings: Settings, store: Store, notifier: Notifier, hooks: HookClient
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.notifier = notifier
+        self.hooks = hooks
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        self._recorder: Batcher[Outcome, None] = Batcher(
+            self._flush_outcomes, max_batch=500, concurrency=2, name="record"
+        )
+        self._notify_error_logged = 0.0
+
+    def stop(self) -> None:
+        """Stop taking tasks; in-flight hook calls are given the grace period to finish."""
+        self._stopping.set()
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    async def run(self, *, burst: bool = False) -> None:
+        """Work until :meth:`stop`; with ``burst``, return once nothing is due or running."""
+        poll_now = True
+        try:
+            while not self._stopping.is_set():
+                free = self.settings.worker_concurrency - len(self._inflight)
+                if free <= 0:
+                    await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                ids: list[int] = []
+                if not poll_now:
+                    ids = await self._wait_for_ids(free)
+                    if self._stopping.is_set():
+                        break
+                acquired = await self._acquire(ids, free)
+                for task in acquired:
+                    self._start(task)
+                # A full poll means more are probably due: poll again before waiting.
+                poll_now = not ids and len(acquired) >= free
+                if burst and not acquired and not ids:
+                    if not self._inflight:
+                        break
+                    await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
+                    poll_now = True
+        finally:
+            await self._shutdown()
+
+    async def _wait_for_ids(self, free: int) -> list[int]:
+        try:
+            return await self.notifier.wait(free, self.settings.poll_interval_s)
+        except NotifyError as exc:
+            metrics.NOTIFY_FAILURES.labels(role="worker").inc()
+            now = time.monotonic()
+            if now - self._notify_error_logged > 30:
+                logger.warning("notification channel unavailable, polling the database: %s", exc)
+                self._notify_error_logged = now
+            await self._pause(min(ERROR_PAUSE_S, self.settings.poll_interval_s))
+            return []
+
+    async def _acquire(self, ids: list[int], free: int) -> list[Task]:
+        started = time.perf_counter()
+        start_ns = time.time_ns()
+        try:
+            if ids:
+                acquired = await self.store.acquire(ids)
+            else:
+                acquired = await self.store.acquire_due(free)
+        except connection_errors() as exc:
+            logger.error("acquire failed, database unavailable: %s", exc)
+            await self._pause(ERROR_PAUSE_S)
+            return []
+        metrics.ACQUIRE_SECONDS.observe(time.perf_counter() - started)
+        end_ns = time.time_ns()
+        if acquired:
+            metrics.TASKS_ACQUIRED.inc(len(acquired))
+        if ids:
+            misses = len(set(ids)) - len(acquired)
+            if misses > 0:
+                metrics.ACQUIRE_MISSES.inc(misses)
+        for task in acquired:
+            # One acquire statement serves many tasks, each in its own trace: give each
+            # trace a span covering the shared statement.
+            span = tracing.tracer.start_span(
+                "acquire",
+                context=tracing.stored_context(task.trace_context),
+                start_time=start_ns,
+                attributes=_task_attributes(task),
+            )
+            span.end(end_time=end_ns)
+        return acquired
+
+    def _start(self, task: Task) -> None:
+        job = asyncio.create_task(self._perform(task), name=f"hook-{task.id}")
+        self._inflight.add(job)
+        job.add_done_callback(self._inflight.discard)
+
+    async def _perform(self, task: Task) -> None:
+        metrics.HOOKS_IN_FLIGHT.inc()
+        try:
+            result = await self._call(task)
+        finally:
+            metrics.HOOKS_IN_FLIGHT.dec()
+        now = time.time()
+        verdict, outcome = decide(task, result, self.settings, now)
+        metrics.HOOK_SECONDS.labels(
+            outcome=verdict, status_class=metrics.status_class(result.status_code)
+        ).observe(result.duration_s)
+        metrics.ATTEMPTS.labels(outcome=verdict).inc()
+        if verdict == "retry" and outcome.status != "FAILED":
+            metrics.RETRIES.inc()
+        logger.debug(
+            "action=finish_attempt task_id=%s attempt=%s status_code=%s outcome=%s",
+            task.id,
+            task.retry_count,
+            result.status_code,
+            outcome.status,
+        )
+        await self._record(outcome)
+        if outcome.status != "PENDING":
+            metrics.TASK_SECONDS.labels(status=outcome.status.lower()).observe(
+                max(now - task.created, 0.0)
+            )
+
+    async def _call(self, task: Task) -> HookResult:
+        with tracing.tracer.start_as_current_span(
+            "hook",
+            context=tracing.stored_context(task.trace_context),
+            kind=trace.SpanKind.CLIENT,
+            attributes=_task_attributes(task),
+        ) as span:
+            result = await self.hooks.call(task, tracing.outgoing_headers())
+            if result.status_code is not None:
+                span.set_attribute("http.response.status_code", result.status_code)
+            if result.error is not None:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, result.error))
+            return result
+
+    async def _record(self, outcome: Outcome) -> None:
+        for attempt in range(RECORD_ATTEMPTS):
+            try:
+                await self._recorder.submit(outcome)
+                return
+            except connection_errors() as exc:
+                logger.error(
+                    "action=record_outcome task_id=%s failed (try %d): %s",
+                    outcome.task_id,
+                    attempt + 1,
+                    exc,
+                )
+                await asyncio.sleep(ERROR_PAUSE_S)
+        # The lease will run out and the task will be tried again: at least once holds.
+        logger.error("action=record_outcome task_id=%s gave up", outcome.task_id)
+
+    async def _flush_outcomes(self, outcomes: list[Outcome]) -> list[None]:
+        recorded = await self.store.record(outcomes)
+        stale = len(outcomes) - recorded
+        if stale > 0:
+            metrics.STALE_OUTCOMES.inc(stale)
+        return [None] * len(outcomes)
+
+    async def _pause(self, seconds: float) -> None:
+        try:
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
+        except TimeoutError:
+            pass
+
+    async def _shutdown(self) -> None:
+        if self._inflight:
+            logger.info(
+                "stopping: waiting up to %gs for %d hook calls",
+                self.settings.shutdown_grace_s,
+                len(self._inflight),
+            )
+            _, pending = await asyncio.wait(
+                list(self._inflight), timeout=self.settings.shutdown_grace_s
+            )
+            for job in pending:
+                job.cancel()
+            if pending:
+                logger.warning("%d hook calls cut short; they will be retried", len(pending))
+                await asyncio.gather(*pending, return_exceptions=True)
+        await self._recorder.drain()
+
+
+def _task_attributes(task: Task) -> dict[str, str | int]:
+    from urllib.parse import urlsplit
+
+    return {
+        "ntorque.task.id": task.id,
+        "ntorque.task.attempt": task.retry_count,
+        "http.request.method": task.method,
+        "server.address": urlsplit(task.url).hostname or "",
+    }
