@@ -47,9 +47,10 @@ def create_engine(settings: Settings) -> AsyncEngine:
     if settings.pool_class is not None:
         kwargs["poolclass"] = _POOLS[settings.pool_class]
     if settings.pool_class != "NullPool":
-        kwargs["pool_size"] = settings.pool_size or 20
+        # Small by default: Heroku's smaller PostgreSQL plans allow 20 connections in all.
+        kwargs["pool_size"] = settings.pool_size or 5
         kwargs["max_overflow"] = (
-            settings.pool_max_overflow if settings.pool_max_overflow is not None else 10
+            settings.pool_max_overflow if settings.pool_max_overflow is not None else 5
         )
         kwargs["pool_timeout"] = settings.pool_timeout_s or settings.db_timeout_s
         if settings.pool_recycle_s is not None:
