@@ -50,7 +50,10 @@ def upgrade() -> None:
         sa.Column("last_status", sa.Integer(), nullable=True),
         sa.Column("last_error", sa.Text(), nullable=True),
         sa.CheckConstraint(
-            "status IN ('PENDING', 'COMPLETED', 'FAILED')", name="ck_tasks_status"
+            # op.f: the name is final; target_metadata's naming convention would
+            # otherwise prefix it again (ck_tasks_ck_tasks_status).
+            "status IN ('PENDING', 'COMPLETED', 'FAILED')",
+            name=op.f("ck_tasks_status"),
         ),
         sa.ForeignKeyConstraint(
             ["app_id"],
