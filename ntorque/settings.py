@@ -126,7 +126,8 @@ def normalise_database_url(raw: str) -> tuple[str, dict[str, Any]]:
         url = urlunsplit(("postgresql+asyncpg", parts.netloc, parts.path, urlencode(kept), ""))
         return url, connect_args
     if scheme in ("sqlite", "sqlite+aiosqlite"):
-        return urlunsplit(("sqlite+aiosqlite", parts.netloc, parts.path, parts.query, "")), {}
+        # Swap the scheme only: urlunsplit would turn sqlite:////abs into sqlite://abs.
+        return "sqlite+aiosqlite" + raw.strip()[len(parts.scheme) :], {}
     raise ValueError("must be a postgres://, postgresql:// or sqlite:// URL")
 
 
