@@ -1,0 +1,1 @@
+"""ntorque's benchmark: ``python -m bench`` (see bench/run.py)."""

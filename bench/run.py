@@ -1,0 +1,603 @@
+"""ntorque's benchmark: one command, every process on 127.0.0.1, a table of medians.
+
+    .venv/bin/python -m bench            # the full run (about 10 minutes on 2 cores)
+    .venv/bin/python -m bench --quick    # a smoke run of a few hundred tasks, no targets
+    .venv/bin/python -m bench --scenarios A,B,raw --reps 5 --backlog 50000
+
+It creates the database ``ntorque_bench_<pid>`` (dropped afterwards) and a Redis channel of
+the same name, runs ``ntorque migrate``, ``ntorque web``, ``ntorque clock`` and
+``ntorque worker`` as the Procfile does, a bare hook server (bench.hookserver) and a load
+generator (bench.loadgen) in processes of their own, and prints medians (min-max) over
+``--reps`` repetitions, with ntorque's figures as ratios to the machine's raw limits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+from redis import asyncio as aioredis
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = ("raw", "clients", "A", "B", "C", "D", "E", "F")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def run_json(argv: list[str]) -> Any:
+    """Run ``python ARGV`` in a process of its own; its stdout is one JSON value."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, *argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(err.decode()[-500:])
+    return json.loads(out)
+
+
+@dataclass
+class Results:
+    values: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, name: str, value: float) -> None:
+        self.values.setdefault(name, []).append(value)
+        print(f"    {name} = {value:,.2f}", flush=True)
+
+    def median(self, name: str) -> float | None:
+        got = self.values.get(name)
+        return statistics.median(got) if got else None
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.name = f"ntorque_bench_{os.getpid()}"
+        self.admin_dsn = args.pg.rstrip("/") + "/postgres"
+        self.dsn = args.pg.rstrip("/") + "/" + self.name
+        self.logs = Path(tempfile.mkdtemp(prefix="ntorque-bench-"))
+        self.web_port = free_port()
+        self.hook_port = free_port()
+        self.hook_url = f"http://127.0.0.1:{self.hook_port}/hook"
+        self.web_url = f"http://127.0.0.1:{self.web_port}"
+        self.exe = str(Path(sys.executable).parent / "ntorque")
+        self.env = {
+            k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "PORT")
+        }
+        self.env.update(
+            DATABASE_URL=self.dsn,
+            REDIS_URL=args.redis,
+            NTORQUE_REDIS_CHANNEL=self.name,
+            PORT=str(self.web_port),
+            NTORQUE_LOG_LEVEL="warning",
+            NTORQUE_BOOTSTRAP_APP="false",
+        )
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.results = Results()
+        self.key = ""
+        self.db: asyncpg.Connection | None = None
+        self.redis: aioredis.Redis | None = None
+        self.http: aiohttp.ClientSession | None = None
+        self.profilers: list[subprocess.Popen[bytes]] = []
+
+    # -- processes ------------------------------------------------------------------
+
+    def start(self, role: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"{role}.log", "ab")  # noqa: SIM115 - lives with the process
+        proc = subprocess.Popen(argv, env=self.env, cwd=ROOT, stdout=log, stderr=log)
+        self.procs[role] = proc
+        return proc
+
+    def stop(self, role: str, timeout_s: float = 30) -> None:
+        proc = self.procs.pop(role, None)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def check_alive(self) -> None:
+        for role, proc in self.procs.items():
+            if proc.poll() is not None:
+                log = (self.logs / f"{role}.log").read_text()[-3000:]
+                raise SystemExit(f"bench: {role} exited with {proc.returncode}:\n{log}")
+
+    async def wait_http(self, url: str, timeout_s: float = 30) -> None:
+        assert self.http is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.check_alive()
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                async with self.http.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(0.05)
+        raise SystemExit(f"bench: {url} did not answer within {timeout_s}s")
+
+    def ntorque(self, *argv: str) -> str:
+        done = subprocess.run(
+            [self.exe, *argv], env=self.env, cwd=ROOT, capture_output=True, check=False
+        )
+        if done.returncode != 0:
+            raise SystemExit(f"bench: ntorque {' '.join(argv)} failed:\n{done.stderr.decode()}")
+        return done.stdout.decode()
+
+    async def start_worker(self) -> int:
+        proc = self.start("worker", [self.exe, "worker"])
+        # Warm up: one task through the whole path proves the worker is listening.
+        await self.hook_reset()
+        assert self.http is not None
+        async with self.http.post(
+            f"{self.web_url}/?url={self.hook_url}",
+            data=b"{}",
+            headers={"NTORQUE_API_KEY": self.key, "Content-Type": "application/json"},
+        ) as resp:
+            assert resp.status == 201, await resp.text()
+        await self.wait_hook_unique(1, 30)
+        await self.wait_no_pending(30)
+        return proc.pid
+
+    # -- set-up and tear-down -------------------------------------------------------
+
+    async def setup(self) -> None:
+        admin = await asyncpg.connect(self.admin_dsn)
+        await admin.execute(f'CREATE DATABASE "{self.name}"')
+        await admin.close()
+        self.redis = aioredis.Redis.from_url(self.args.redis)
+        await self.redis.delete(self.name)
+        self.http = aiohttp.ClientSession()
+        self.ntorque("migrate")
+        self.key = self.ntorque("create-app", "--name", "bench").strip()
+        self.db = await asyncpg.connect(self.dsn)
+        self.start(
+            "hook",
+            [
+                sys.executable, "-m", "uvicorn", "bench.hookserver:app",
+                "--host", "127.0.0.1", "--port", str(self.hook_port),
+                "--loop", "uvloop", "--http", "httptools",
+                "--log-level", "warning", "--no-access-log",
+            ],
+        )  # fmt: skip
+        self.start("web", [self.exe, "web", "--host", "127.0.0.1"])
+        self.start("clock", [self.exe, "clock"])
+        await self.wait_http(f"http://127.0.0.1:{self.hook_port}/_bench/stats")
+        await self.wait_http(self.web_url + "/")
+
+    async def teardown(self) -> None:
+        for proc in self.profilers:
+            if proc.poll() is None:
+                proc.kill()
+        for role in list(self.procs):
+            self.stop(role, 10)
+        if self.http is not None:
+            await self.http.close()
+        if self.db is not None:
+            await self.db.close()
+        if self.redis is not None:
+            await self.redis.delete(self.name)
+            await self.redis.aclose()
+        if not self.args.keep_db:
+            admin = await asyncpg.connect(self.admin_dsn)
+            await admin.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+            await admin.close()
+
+    # -- helpers ----------------------------------------------------------------------
+
+    async def hook(self, what: str) -> Any:
+        assert self.http is not None
+        async with self.http.get(f"http://127.0.0.1:{self.hook_port}/_bench/{what}") as resp:
+            return await resp.json()
+
+    async def hook_reset(self) -> None:
+        await self.hook("reset")
+
+    async def wait_hook_unique(self, n: int, timeout_s: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            stats: dict[str, Any] = await self.hook("stats")
+            if stats["unique"] >= n:
+                return stats
+            self.check_alive()
+            await asyncio.sleep(0.05)
+        raise SystemExit(f"bench: only {stats['unique']} of {n} tasks reached the hook")
+
+    async def wait_no_pending(self, timeout_s: float, min_id: int = 0) -> float:
+        """Wait until no task from ``min_id`` on is pending; their last ``modified``."""
+        assert self.db is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            row = await self.db.fetchrow(
+                "SELECT count(*) FILTER (WHERE status = 'PENDING') AS pending,"
+                " max(modified) AS last FROM tasks WHERE id >= $1",
+                min_id,
+            )
+            assert row is not None
+            if row["pending"] == 0:
+                return float(row["last"] or 0.0)
+            self.check_alive()
+            await asyncio.sleep(0.05)
+        raise SystemExit(f"bench: tasks still pending after {timeout_s}s")
+
+    async def loadgen(self, n: int, *, rate: float | None = None, raw: bool = False) -> Any:
+        out = self.logs / "loadgen.json"
+        argv = [sys.executable, "-m", "bench.loadgen", "--n", str(n), "--out", str(out)]
+        if raw:
+            argv += ["--target", f"http://127.0.0.1:{self.hook_port}/"]
+        else:
+            argv += ["--target", self.web_url, "--hook", self.hook_url, "--key", self.key]
+        if rate:
+            argv += ["--rate", str(rate)]
+        proc = await asyncio.create_subprocess_exec(*argv, cwd=ROOT)
+        if await proc.wait() != 0:
+            raise SystemExit("bench: the load generator failed")
+        result = json.loads(out.read_text())
+        if result["errors"]:
+            raise SystemExit(f"bench: {result['errors']} requests failed: {result['first_errors']}")
+        return result
+
+    async def clear_channel(self) -> None:
+        assert self.redis is not None
+        await self.redis.delete(self.name)
+
+    @contextlib.contextmanager
+    def profiling(self, label: str) -> Iterator[None]:
+        """py-spy on web and worker while the block runs (``--profile DIR``)."""
+        if not self.args.profile:
+            yield
+            return
+        out = Path(self.args.profile)
+        out.mkdir(parents=True, exist_ok=True)
+        started = []
+        for role in ("web", "worker"):
+            proc = self.procs.get(role)
+            if proc is None:
+                continue
+            spy = subprocess.Popen(
+                [
+                    str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(proc.pid),
+                    "--rate", "200", "--format", "raw", "--subprocesses", "--nonblocking",
+                    "--output", str(out / f"{label}-{role}.txt"),
+                ],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            started.append(spy)
+            self.profilers.append(spy)
+        time.sleep(0.5)
+        try:
+            yield
+        finally:
+            for spy in started:
+                spy.send_signal(signal.SIGINT)
+            for spy in started:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    spy.wait(20)
+
+    # -- scenarios --------------------------------------------------------------------
+
+    async def raw_limits(self) -> None:
+        a = self.args
+        print("raw limits", flush=True)
+        for _ in range(a.reps):
+            result = await self.loadgen(a.raw_requests, raw=True)
+            self.results.add("raw_loadgen_bare", result["rate"])
+        for _ in range(a.reps):
+            self.results.add("raw_aiohttp_hook", await self.client_rate("aiohttp"))
+        for _ in range(a.reps):
+            dsn = self.dsn.replace("+asyncpg", "")
+            argv = ["-m", "bench.pgraw", "--dsn", dsn, "--seconds", str(a.raw_seconds)]
+            self.results.add("raw_asyncpg_insert", (await run_json(argv))["rate"])
+
+    async def client_rate(self, client: str) -> float:
+        url = self.hook_url.replace("/hook", "/")
+        argv = ["-m", "bench.clients", "--client", client, "--url", url]
+        try:
+            return float((await run_json([*argv, "--n", str(self.args.client_requests)]))["rate"])
+        except RuntimeError as exc:
+            print(f"    {client}: failed: {exc}")
+            return float("nan")
+
+    async def clients(self) -> None:
+        print("hook clients (32 concurrent POSTs against the hook server)", flush=True)
+        for _ in range(self.args.reps):
+            for client in ("aiohttp", "httpx", "httpx-aiohttp"):
+                self.results.add(f"client_{client}", await self.client_rate(client))
+
+    async def enqueue_then_drain(self, prefix: str, drain: bool) -> None:
+        """A (and B): enqueue a backlog with workers stopped, then drain it."""
+        a = self.args
+        for rep in range(a.reps):
+            print(f"{prefix}: repetition {rep + 1}", flush=True)
+            self.stop("worker")
+            await self.wait_no_pending(60)
+            await self.clear_channel()
+            result = await self.loadgen(a.backlog)
+            self.results.add(f"{prefix}_enqueue_rate", result["rate"])
+            self.results.add(f"{prefix}_enqueue_p50_ms", result["p50_ms"])
+            self.results.add(f"{prefix}_enqueue_p99_ms", result["p99_ms"])
+            if not drain:
+                continue
+            await self.hook_reset()
+            with self.profiling(f"{prefix}-drain"):
+                self.start("worker", [self.exe, "worker"])
+                stats = await self.wait_hook_unique(a.backlog, a.timeout)
+            self.results.add(f"{prefix}_drain_rate", a.backlog / (stats["last"] - stats["first"]))
+            await self.wait_no_pending(60)
+        self.stop("worker")
+        await self.clear_channel()
+
+    async def end_to_end(self) -> None:
+        a = self.args
+        await self.start_worker()
+        for rep in range(a.reps):
+            print(f"C: repetition {rep + 1}", flush=True)
+            await self.hook_reset()
+            with self.profiling("C"):
+                result = await self.loadgen(a.tasks)
+                first_id = min(i for i, _ in result["sent"])
+                last = await self.wait_no_pending(a.timeout, first_id)
+            # From the load generator's first request to the last outcome's commit.
+            self.results.add("C_end_to_end_rate", a.tasks / (last - result["started_wall"]))
+
+    async def latency(self) -> None:
+        a = self.args
+        if "worker" not in self.procs:
+            await self.start_worker()
+        n = int(a.rate * a.rate_seconds)
+        for rep in range(a.reps):
+            print(f"D: repetition {rep + 1}", flush=True)
+            await self.hook_reset()
+            result = await self.loadgen(n, rate=a.rate)
+            await self.wait_hook_unique(n, a.timeout)
+            arrived: dict[int, float] = {}
+            for t, task_id in await self.hook("arrivals"):
+                arrived.setdefault(task_id, t)
+            lat = [arrived[i] - t0 for i, t0 in result["sent"]]
+            self.results.add("D_hook_p50_ms", percentile(lat, 0.5) * 1000)
+            self.results.add("D_hook_p99_ms", percentile(lat, 0.99) * 1000)
+            self.results.add("D_enqueue_p50_ms", result["p50_ms"])
+        self.stop("worker")
+
+    async def history(self) -> None:
+        assert self.db is not None
+        n = self.args.history
+        print(f"E: inserting {n:,} finished tasks", flush=True)
+        started = time.monotonic()
+        app_id = await self.db.fetchval("SELECT min(id) FROM applications")
+        await self.db.execute(
+            """
+            INSERT INTO tasks (app_id, url, method, timeout, body, content_type, headers,
+                               status, retry_count, due, created, modified, last_status)
+            SELECT $1, $2, 'POST', 60, '\\x7b7d'::bytea, 'application/json', '[]',
+                   'COMPLETED', 1, t, t, t, 200
+            FROM (SELECT extract(epoch FROM now()) - g * 0.001 AS t
+                  FROM generate_series(1, $3) AS g) AS s
+            """,
+            app_id,
+            self.hook_url,
+            n,
+        )
+        await self.db.execute("VACUUM ANALYZE tasks")
+        print(f"    inserted in {time.monotonic() - started:.1f}s", flush=True)
+        await self.enqueue_then_drain("E", drain=True)
+
+    async def memory(self) -> None:
+        a = self.args
+        self.stop("worker")
+        pid = await self.start_worker()
+        print(f"F: warm-up {a.mem_warmup} tasks", flush=True)
+        result = await self.loadgen(a.mem_warmup)
+        await self.wait_no_pending(a.timeout, min(i for i, _ in result["sent"]))
+        before = rss_mb(pid)
+        print(f"F: {a.mem_tasks:,} tasks through the worker", flush=True)
+        result = await self.loadgen(a.mem_tasks)
+        await self.wait_no_pending(a.timeout * 5, min(i for i, _ in result["sent"]))
+        await asyncio.sleep(1)
+        after = rss_mb(pid)
+        self.results.add("F_rss_before_mb", before)
+        self.results.add("F_rss_after_mb", after)
+        self.results.add("F_rss_growth_mb", after - before)
+        self.stop("worker")
+
+    async def run(self) -> None:
+        chosen = self.args.scenarios
+        await self.setup()
+        try:
+            if "raw" in chosen:
+                await self.raw_limits()
+            if "clients" in chosen:
+                await self.clients()
+            if "A" in chosen or "B" in chosen:
+                await self.enqueue_then_drain("A", drain="B" in chosen)
+            if "C" in chosen:
+                await self.end_to_end()
+            if "D" in chosen:
+                await self.latency()
+            self.stop("worker")
+            if "F" in chosen:
+                await self.memory()
+            if "E" in chosen:
+                await self.history()
+        finally:
+            await self.teardown()
+
+
+# -- the table ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    key: str
+    unit: str
+    target: str = ""
+    ok: Callable[[float], bool] | None = None
+
+
+ROWS = [
+    Row("raw: load generator -> bare ASGI app", "raw_loadgen_bare", "req/s"),
+    Row("raw: aiohttp client -> hook server", "raw_aiohttp_hook", "req/s"),
+    Row("raw: asyncpg INSERT+COMMIT, 32 conns", "raw_asyncpg_insert", "rows/s"),
+    Row("hook client: aiohttp", "client_aiohttp", "req/s"),
+    Row("hook client: httpx AsyncClient", "client_httpx", "req/s"),
+    Row("hook client: httpx + aiohttp transport", "client_httpx-aiohttp", "req/s"),
+    Row("A enqueue, workers stopped", "A_enqueue_rate", "tasks/s", ">= 5000", lambda v: v >= 5000),
+    Row("A enqueue latency p50", "A_enqueue_p50_ms", "ms"),
+    Row("A enqueue latency p99", "A_enqueue_p99_ms", "ms"),
+    Row("B drain 20k backlog", "A_drain_rate", "tasks/s", ">= 4000", lambda v: v >= 4000),
+    Row("C end to end", "C_end_to_end_rate", "tasks/s", ">= 2500", lambda v: v >= 2500),
+    Row("D enqueue->hook p50 @200/s", "D_hook_p50_ms", "ms", "<= 2", lambda v: v <= 2),
+    Row("D enqueue->hook p99 @200/s", "D_hook_p99_ms", "ms", "<= 5", lambda v: v <= 5),
+    Row("D enqueue latency p50 @200/s", "D_enqueue_p50_ms", "ms"),
+    Row("E enqueue, 1M finished in table", "E_enqueue_rate", "tasks/s"),
+    Row("E enqueue latency p99", "E_enqueue_p99_ms", "ms"),
+    Row("E drain, 1M finished in table", "E_drain_rate", "tasks/s"),
+    Row("F worker RSS before", "F_rss_before_mb", "MB"),
+    Row("F worker RSS after", "F_rss_after_mb", "MB"),
+    Row("F worker RSS growth", "F_rss_growth_mb", "MB", "<= 20", lambda v: v <= 20),
+]
+
+# ntorque's figure over the machine's raw limit it is bounded by.
+RATIOS = [
+    ("A enqueue / load generator -> bare ASGI", "A_enqueue_rate", "raw_loadgen_bare"),
+    ("A enqueue / asyncpg INSERT+COMMIT", "A_enqueue_rate", "raw_asyncpg_insert"),
+    ("B drain / aiohttp -> hook server", "A_drain_rate", "raw_aiohttp_hook"),
+    ("C end to end / aiohttp -> hook server", "C_end_to_end_rate", "raw_aiohttp_hook"),
+    ("E enqueue / A enqueue (target >= 0.90)", "E_enqueue_rate", "A_enqueue_rate"),
+    ("E drain / B drain (target >= 0.90)", "E_drain_rate", "A_drain_rate"),
+]
+
+
+def fmt(value: float) -> str:
+    if value != value:  # NaN
+        return "n/a"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
+
+
+def table(results: Results, targets: bool) -> str:
+    lines = [
+        f"| measure | unit | median | min-max | n |{' target |' if targets else ''}",
+        f"|---|---|---:|---:|---:|{'---|' if targets else ''}",
+    ]
+    for row in ROWS:
+        got = results.values.get(row.key)
+        if not got:
+            continue
+        med = statistics.median(got)
+        cell = f"| {row.label} | {row.unit} | {fmt(med)} | {fmt(min(got))}-{fmt(max(got))}"
+        cell += f" | {len(got)} |"
+        if targets:
+            mark = ""
+            if row.ok is not None:
+                mark = f"{row.target} {'ok' if row.ok(med) else 'MISSED'}"
+            cell += f" {mark} |"
+        lines.append(cell)
+    ratio_lines = []
+    for label, top, bottom in RATIOS:
+        t, b = results.median(top), results.median(bottom)
+        if t is not None and b:
+            ratio_lines.append(f"| {label} | {t / b:.2f} |")
+    if ratio_lines:
+        lines += ["", "| ratio (medians) | value |", "|---|---:|", *ratio_lines]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: a few hundred tasks")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="e.g. raw,clients,A,B,C,D,E,F")
+    p.add_argument("--reps", type=int, help="repetitions per measure (default 3; quick 1)")
+    p.add_argument("--backlog", type=int, help="A/B/E backlog size (default 20000)")
+    p.add_argument("--tasks", type=int, help="C tasks (default 20000)")
+    p.add_argument("--rate", type=float, default=200.0, help="D steady rate, tasks/s")
+    p.add_argument("--rate-seconds", type=float, help="D duration (default 10)")
+    p.add_argument("--history", type=int, help="E finished tasks (default 1000000)")
+    p.add_argument("--mem-tasks", type=int, help="F tasks (default 100000)")
+    p.add_argument("--mem-warmup", type=int, help="F warm-up tasks (default 2000)")
+    p.add_argument("--raw-requests", type=int, help="raw load generator requests (default 20000)")
+    p.add_argument("--raw-seconds", type=float, help="asyncpg ceiling duration (default 3)")
+    p.add_argument("--client-requests", type=int, help="per hook client (default 10000)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait per step")
+    p.add_argument(
+        "--pg", default=os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
+    )
+    p.add_argument("--redis", default=os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/0"))
+    p.add_argument("--profile", metavar="DIR", help="py-spy web and worker during B and C")
+    p.add_argument("--json", metavar="FILE", help="also write every measured value here")
+    p.add_argument("--keep-db", action="store_true", help="keep the database for inspection")
+    args = p.parse_args(argv)
+    quick = args.quick
+    defaults = {
+        "reps": (1, 3),
+        "backlog": (300, 20_000),
+        "tasks": (300, 20_000),
+        "rate_seconds": (1.5, 10.0),
+        "history": (20_000, 1_000_000),
+        "mem_tasks": (300, 100_000),
+        "mem_warmup": (50, 2_000),
+        "raw_requests": (1_000, 20_000),
+        "raw_seconds": (1.0, 3.0),
+        "client_requests": (500, 10_000),
+    }
+    for name, (small, full) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, small if quick else full)
+    args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = set(args.scenarios) - set(SCENARIOS)
+    if unknown:
+        p.error(f"unknown scenarios {sorted(unknown)}; choose from {','.join(SCENARIOS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    bench = Bench(args)
+    started = time.monotonic()
+    print(f"bench: database {bench.name}, logs in {bench.logs}", flush=True)
+    asyncio.run(bench.run())
+    print(f"\nbench: finished in {time.monotonic() - started:.0f}s "
+          f"({os.cpu_count()} cores, {args.reps} repetitions)\n")  # fmt: skip
+    print(table(bench.results, targets=not args.quick))
+    if args.json:
+        Path(args.json).write_text(json.dumps(bench.results.values, indent=1))
