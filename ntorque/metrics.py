@@ -1,11 +1,14 @@
 """Every Prometheus metric ntorque exports, named and bucketed in one place.
 
 Labels stay bounded: app names, outcomes, status classes and roles, never a task id or URL.
+Counters are declared without ``_total``: prometheus-client appends it on exposition.
 """
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
+
+from . import __version__
 
 # Enqueue and acquire are database round trips: milliseconds matter.
 FAST_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -30,7 +33,7 @@ HOOK_BUCKETS = (
     1800,
     3600,
 )
-# Enqueue to completion includes retries: seconds to days.
+# Enqueue to completion includes retries and their backoff: milliseconds to a day.
 E2E_BUCKETS = (
     0.005,
     0.01,
@@ -52,15 +55,22 @@ E2E_BUCKETS = (
     86400,
 )
 
-TASKS_ENQUEUED = Counter("ntorque_tasks_enqueued", "Tasks stored by POST /.", ["app"])
+OUTCOMES = ("completed", "failed", "retry")
+FINAL_STATUSES = ("completed", "failed")
+ROLES = ("web", "worker", "clock", "run")
+
+# -- web --------------------------------------------------------------------------------
+TASKS_ENQUEUED = Counter("ntorque_tasks_enqueued", "Tasks stored by POST /, by app.", ["app"])
 ENQUEUE_SECONDS = Histogram(
     "ntorque_enqueue_duration_seconds",
     "From request received to task committed.",
     buckets=FAST_BUCKETS,
 )
 ENQUEUE_REJECTED = Counter(
-    "ntorque_enqueue_rejected", "Enqueue requests refused, by reason.", ["reason"]
+    "ntorque_enqueue_rejected", "Enqueue requests refused as bad input, by reason.", ["reason"]
 )
+
+# -- worker -----------------------------------------------------------------------------
 TASKS_ACQUIRED = Counter("ntorque_tasks_acquired", "Attempts taken by workers.")
 ACQUIRE_MISSES = Counter(
     "ntorque_acquire_misses", "Notified task ids that were not acquirable (not due or done)."
@@ -70,31 +80,113 @@ ACQUIRE_SECONDS = Histogram(
 )
 HOOK_SECONDS = Histogram(
     "ntorque_hook_duration_seconds",
-    "One hook call, by outcome and status class.",
+    "One hook call, by outcome (completed/failed/retry) and status class (2xx.., error).",
     ["outcome", "status_class"],
     buckets=HOOK_BUCKETS,
 )
 ATTEMPTS = Counter("ntorque_attempts", "Finished attempts, by outcome.", ["outcome"])
-RETRIES = Counter("ntorque_retries", "Attempts that will be retried.")
+RETRIES = Counter("ntorque_retries", "Attempts that failed and will be retried.")
 STALE_OUTCOMES = Counter(
     "ntorque_stale_outcomes", "Outcomes dropped because a newer attempt held the lease."
 )
 TASK_SECONDS = Histogram(
     "ntorque_task_duration_seconds",
-    "From enqueue to the task's final outcome (completed or failed).",
+    "From enqueue to the task's final outcome, by final status (completed/failed).",
     ["status"],
     buckets=E2E_BUCKETS,
 )
-HOOKS_IN_FLIGHT = Gauge("ntorque_hooks_in_flight", "Hook calls running now.")
-DUE_TASKS = Gauge("ntorque_due_tasks", "Pending tasks whose due time has passed.")
-OLDEST_DUE_AGE = Gauge("ntorque_oldest_due_age_seconds", "How long the oldest due task has waited.")
+HOOKS_IN_FLIGHT = Gauge(
+    "ntorque_hooks_in_flight", "Hook calls running now.", multiprocess_mode="livesum"
+)
+
+# -- clock ------------------------------------------------------------------------------
+DUE_TASKS = Gauge(
+    "ntorque_due_tasks",
+    "Pending tasks whose due time has passed (measured by the clock).",
+    multiprocess_mode="mostrecent",
+)
+OLDEST_DUE_AGE = Gauge(
+    "ntorque_oldest_due_age_seconds",
+    "How long the oldest due task has waited (0 when none is due).",
+    multiprocess_mode="mostrecent",
+)
 REQUEUED = Counter("ntorque_requeued", "Due tasks re-notified by the clock.")
 CLEANED_UP = Counter("ntorque_cleaned_up", "Finished tasks deleted by the clock.")
 EXHAUSTED = Counter("ntorque_exhausted", "Tasks failed because their last attempt's lease expired.")
+
+# -- every role -------------------------------------------------------------------------
 NOTIFY_FAILURES = Counter(
     "ntorque_notify_failures", "Notification channel errors (Redis down), by role.", ["role"]
 )
+PROCESS_INFO = Gauge(
+    "ntorque_process_info",
+    "1 for each running ntorque process, by role and version (absent when it is down).",
+    ["role", "version"],
+    multiprocess_mode="max",
+)
+
+# Which families each role exports: a web process must not claim a backlog of 0, nor a
+# clock an enqueue rate. Process metrics (process_*, python_*) are exported by all.
+ROLE_FAMILIES: dict[str, frozenset[str]] = {
+    "web": frozenset(
+        {
+            "ntorque_tasks_enqueued",
+            "ntorque_enqueue_duration_seconds",
+            "ntorque_enqueue_rejected",
+            "ntorque_notify_failures",
+            "ntorque_process_info",
+        }
+    ),
+    "worker": frozenset(
+        {
+            "ntorque_tasks_acquired",
+            "ntorque_acquire_misses",
+            "ntorque_acquire_duration_seconds",
+            "ntorque_hook_duration_seconds",
+            "ntorque_attempts",
+            "ntorque_retries",
+            "ntorque_stale_outcomes",
+            "ntorque_task_duration_seconds",
+            "ntorque_hooks_in_flight",
+            "ntorque_notify_failures",
+            "ntorque_process_info",
+        }
+    ),
+    "clock": frozenset(
+        {
+            "ntorque_due_tasks",
+            "ntorque_oldest_due_age_seconds",
+            "ntorque_requeued",
+            "ntorque_cleaned_up",
+            "ntorque_exhausted",
+            "ntorque_notify_failures",
+            "ntorque_process_info",
+        }
+    ),
+}
+
+
+def exported_by(role: str, family: str) -> bool:
+    """Whether ``role``'s exposition carries ``family`` (``run`` carries all of them)."""
+    if not family.startswith("ntorque_") or role not in ROLE_FAMILIES:
+        return True
+    return family in ROLE_FAMILIES[role]
+
+
+def announce(role: str) -> None:
+    """Mark this process alive and create its zero series, so rates start at the first event."""
+    PROCESS_INFO.labels(role=role, version=__version__).set(1)
+    NOTIFY_FAILURES.labels(role="web" if role == "run" else role)
+    if role in ("worker", "run"):
+        for outcome in OUTCOMES:
+            ATTEMPTS.labels(outcome=outcome)
+        for status in FINAL_STATUSES:
+            TASK_SECONDS.labels(status=status)
+    if role == "run":
+        NOTIFY_FAILURES.labels(role="worker")
+        NOTIFY_FAILURES.labels(role="clock")
 
 
 def status_class(code: int | None) -> str:
+    """A bounded label for a status code: ``2xx``..``5xx``, or ``error`` (no answer)."""
     return "error" if code is None else f"{code // 100}xx"

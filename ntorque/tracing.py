@@ -23,33 +23,75 @@ _configured = False
 
 
 def setup_tracing(role: str, environ: Mapping[str, str] | None = None) -> bool:
-    """Install an OTLP/HTTP exporter when ``OTEL_*`` variables ask for one; return whether."""
+    """Install a span exporter when ``OTEL_*`` variables ask for one; return whether.
+
+    The OTEL spec's variables, with one deliberate difference: the spec's default exporter
+    is ``otlp``, but ntorque exports only when told to (an OTLP endpoint is set, or
+    ``OTEL_TRACES_EXPORTER`` names an exporter), so an unconfigured install has no exporter
+    and no overhead. ``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER=none`` turn it off.
+    Sampler (``OTEL_TRACES_SAMPLER``), batch (``OTEL_BSP_*``), headers, timeouts and
+    resource (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``) are read by the SDK.
+    """
     global _configured
     env = os.environ if environ is None else environ
     if _configured:
         return True
-    exporter_name = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
-    endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get(
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
-    )
-    if exporter_name == "none" or not (endpoint or exporter_name in ("otlp", "console")):
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    names = [n.strip().lower() for n in env.get("OTEL_TRACES_EXPORTER", "").split(",")]
+    names = [n for n in names if n]
+    traces_endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+    base_endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+    if not names:
+        names = ["otlp"] if (traces_endpoint or base_endpoint) else []
+    names = [n for n in names if n != "none"]
+    if not names:
         return False
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
-    attributes = {"service.name": env.get("OTEL_SERVICE_NAME", "ntorque"), "ntorque.role": role}
+    attributes: dict[str, str] = {"ntorque.role": role}
+    named = env.get("OTEL_SERVICE_NAME") or "service.name=" in env.get(
+        "OTEL_RESOURCE_ATTRIBUTES", ""
+    )
+    if not named:
+        # Only a default: the user's OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES win.
+        attributes["service.name"] = "ntorque"
     provider = TracerProvider(resource=Resource.create(attributes))
-    if exporter_name == "console":
-        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
-    else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    for name in names:
+        if name == "console":
+            provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+        elif name == "otlp":
+            protocol = (
+                env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+                or "http/protobuf"
+            )
+            if protocol.strip() != "http/protobuf":
+                logger.warning(
+                    "tracing: OTLP protocol %r unsupported, using http/protobuf", protocol
+                )
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+            # Per the spec: a signal-specific endpoint is used as is, the base one gets
+            # /v1/traces appended; neither set means the exporter's localhost:4318 default.
+            endpoint = traces_endpoint or (
+                base_endpoint.rstrip("/") + "/v1/traces" if base_endpoint else None
+            )
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+        else:
+            logger.warning("tracing: unknown OTEL_TRACES_EXPORTER %r ignored", name)
     trace.set_tracer_provider(provider)
     _configured = True
-    logger.info("tracing: exporting spans (%s)", exporter_name or "otlp")
+    logger.info("tracing: exporting spans (%s)", ",".join(names))
     return True
+
+
+def use_tracer_provider(provider: trace.TracerProvider | None) -> None:
+    """Send ntorque's spans to ``provider`` (tests); None returns to the global provider."""
+    global tracer
+    tracer = trace.get_tracer("ntorque") if provider is None else provider.get_tracer("ntorque")
 
 
 def extract(headers: Mapping[str, str]) -> otel_context.Context:

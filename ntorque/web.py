@@ -184,6 +184,12 @@ async def metrics_endpoint(request: Request) -> Response:
     return Response(body, media_type=content_type)
 
 
+async def cluster_metrics_endpoint(request: Request) -> Response:
+    """Every process's metrics, published through Redis (the Heroku route: see observe)."""
+    body, content_type = await observe.cluster_exposition(_api(request).settings)
+    return Response(body, media_type=content_type)
+
+
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     headers = {"Retry-After": "5"} if exc.status == 503 else {}
@@ -276,6 +282,7 @@ def create_app(
         Route("/", banner, methods=["GET"]),
         Route("/", enqueue, methods=["POST"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/metrics/cluster", cluster_metrics_endpoint, methods=["GET"]),
     ]
     for prefix in ("/tasks", "/task"):
         routes.append(Route(prefix + "/{task_id}", show_task, methods=["GET"]))
@@ -307,10 +314,10 @@ async def open_store(settings: Settings) -> Store:
     return Store.from_settings(settings)
 
 
-def asgi_app() -> Starlette:
+def asgi_app() -> ASGIApp:
     """Factory for uvicorn (``ntorque web``): settings from the environment."""
     from . import tracing
 
     settings = Settings.from_env()
     tracing.setup_tracing("web")
-    return create_app(settings)
+    return observe.WebMetrics(create_app(settings), settings)
