@@ -21,7 +21,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,6 +248,20 @@ async def wait_http(url: str, proc: Proc | None = None, timeout_s: float = READY
     raise AssertionError(f"{url} not ready after {timeout_s}s (last: {last!r})")
 
 
+async def wait_for(
+    predicate: Callable[[], object], timeout_s: float, message: str, interval_s: float = 0.02
+) -> None:
+    """Poll a synchronous ``predicate`` until true; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    for _ in range(int(timeout_s / interval_s) + 2):
+        if predicate():
+            return
+        if time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {message}")
+
+
 async def wait_output(proc: Proc, text: str, timeout_s: float = READY_TIMEOUT_S) -> str:
     """Wait until ``text`` appears in the process's output (bounded); the output so far."""
     deadline = time.monotonic() + timeout_s
@@ -380,6 +394,16 @@ class Api:
         task_id: int = response.json()["id"]
         assert response.headers["location"].endswith(f"/tasks/{task_id}")
         return task_id
+
+    async def enqueue_many(self, hook_url: str, count: int, parallel: int = 20) -> list[int]:
+        """Enqueue ``count`` tasks, ``parallel`` requests at a time; their ids in order."""
+        semaphore = asyncio.Semaphore(parallel)
+
+        async def one() -> int:
+            async with semaphore:
+                return await self.enqueue(hook_url)
+
+        return list(await asyncio.gather(*(one() for _ in range(count))))
 
     async def task(self, task_id: int) -> dict[str, Any]:
         response = await self.client.get(f"/tasks/{task_id}")

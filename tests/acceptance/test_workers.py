@@ -25,6 +25,7 @@ from tests.acceptance.harness import (
     metric_total,
     start_role,
     start_web,
+    wait_for,
 )
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
@@ -47,8 +48,7 @@ async def create_app(processes: Processes, env: dict[str, str]) -> str:
 
 
 async def enqueue_many(api: Api, url: str, count: int) -> list[int]:
-    ids: list[int] = await support.gather_limited((api.enqueue(url) for _ in range(count)), 20)
-    return ids
+    return await api.enqueue_many(url, count)
 
 
 async def test_three_workers_fed_duplicate_notifications_never_repeat_an_attempt(
@@ -129,9 +129,9 @@ async def test_worker_sigkilled_three_times_mid_call_loses_no_task(
 
         in_flight_at_kill = []
         for threshold in (40, 90, 140):
-            await support.wait_until(
+            await wait_for(
                 lambda n=threshold: len(hook.per_task()) >= n,
-                timeout=60,
+                timeout_s=60,
                 message=f"{threshold} tasks delivered",
             )
             in_flight_at_kill.append(sum(1 for d in hook.deliveries if d.finished is None))
