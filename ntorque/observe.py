@@ -112,19 +112,32 @@ def prepare_web_workers(settings: Settings) -> None:
 
 
 class _ProcessStats:
-    """process_* gauges per uvicorn worker (pid label); multiprocess mode drops the usual ones."""
+    """process_* metrics per uvicorn worker (pid label); multiprocess mode drops the usual ones."""
 
     def __init__(self) -> None:
-        from prometheus_client import Gauge
+        from prometheus_client import Counter, Gauge
 
         def gauge(name: str, doc: str) -> Gauge:
             # registry=None: the multiprocess files are the registry; REGISTRY has these names.
             return Gauge(name, doc, registry=None, multiprocess_mode="liveall")
 
-        self.rss = gauge("process_resident_memory_bytes", "Resident memory size in bytes.")
-        self.cpu = gauge("process_cpu_seconds_total", "Total user and system CPU time, seconds.")
-        self.fds = gauge("process_open_fds", "Number of open file descriptors.")
-        self.start = gauge("process_start_time_seconds", "Start time since the epoch, seconds.")
+        self.gauges = {
+            "process_resident_memory_bytes": gauge(
+                "process_resident_memory_bytes", "Resident memory size in bytes."
+            ),
+            "process_open_fds": gauge("process_open_fds", "Number of open file descriptors."),
+            "process_start_time_seconds": gauge(
+                "process_start_time_seconds", "Start time of the process since the epoch."
+            ),
+        }
+        # A counter, as elsewhere (same type in the cluster view); per pid, advanced by deltas.
+        self.cpu = Counter(
+            "process_cpu_seconds",
+            "Total user and system CPU time, seconds.",
+            ["pid"],
+            registry=None,
+        ).labels(pid=str(os.getpid()))
+        self._cpu_seen = 0.0
 
     def update(self) -> None:
         from prometheus_client import ProcessCollector
@@ -134,14 +147,13 @@ class _ProcessStats:
             for family in ProcessCollector(registry=None).collect()
             for s in family.samples
         }
-        for name, gauge in (
-            ("process_resident_memory_bytes", self.rss),
-            ("process_cpu_seconds_total", self.cpu),
-            ("process_open_fds", self.fds),
-            ("process_start_time_seconds", self.start),
-        ):
+        for name, gauge in self.gauges.items():
             if name in values:
                 gauge.set(values[name])
+        cpu = values.get("process_cpu_seconds_total")
+        if cpu is not None and cpu > self._cpu_seen:
+            self.cpu.inc(cpu - self._cpu_seen)
+            self._cpu_seen = cpu
 
 
 class WebMetrics:
