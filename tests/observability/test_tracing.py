@@ -1,0 +1,104 @@
+"""One task, two attempts (500 then 200): one trace from the client through ntorque to the hook."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from ntorque import tracing
+from ntorque.notify import LocalNotifier
+from ntorque.store import Store
+from tests import support
+from tests.support import HookServer
+
+CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_SPAN = "00f067aa0ba902b7"
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """ntorque's spans, recorded in memory (the global tracer provider is left alone)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.use_tracer_provider(provider)
+    try:
+        yield exporter
+    finally:
+        tracing.use_tracer_provider(None)
+        provider.shutdown()
+
+
+async def test_one_trace_covers_enqueue_acquires_and_hook_calls(
+    spans: InMemorySpanExporter, hook_server: HookServer, sqlite_template: Path, tmp_path: Path
+) -> None:
+    # Given ntorque (SQLite, in-process) and a hook answering 500, then 200,
+    path = tmp_path / "ntorque.sqlite3"
+    shutil.copyfile(sqlite_template, path)
+    settings = support.make_settings(NTORQUE_SQLITE_PATH=str(path), NTORQUE_AUTHENTICATE="false")
+    store = Store.from_settings(settings)
+    notifier = LocalNotifier()
+    url = hook_server.script("/traced", 500, 200)
+    try:
+        # when a client inside a trace enqueues one task,
+        async with support.api_client(settings, store, notifier) as api:
+            response = await api.post(
+                "/",
+                params={"url": url},
+                content=b"{}",
+                headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"},
+            )
+            assert response.status_code == 201
+            task_id = int(response.json()["id"])
+        # and the worker takes it twice,
+        await support.run_until_settled(settings, store, notifier, [task_id])
+        task = await store.get_task(task_id)
+        assert task is not None and task.status == "COMPLETED" and task.retry_count == 2
+    finally:
+        await notifier.close()
+        await store.close()
+
+    # then every span belongs to the client's trace,
+    finished = spans.get_finished_spans()
+    by_name: dict[str, list] = {}
+    for span in finished:
+        by_name.setdefault(span.name, []).append(span)
+    assert {name: len(group) for name, group in by_name.items()} == {
+        "enqueue": 1,
+        "acquire": 2,
+        "hook": 2,
+    }
+    assert {format(s.context.trace_id, "032x") for s in finished} == {CLIENT_TRACE}
+    (enqueue,) = by_name["enqueue"]
+    assert format(enqueue.parent.span_id, "016x") == CLIENT_SPAN
+    assert enqueue.attributes["ntorque.task.id"] == task_id
+    # the worker's spans continue the enqueue span,
+    for span in by_name["acquire"] + by_name["hook"]:
+        assert span.parent.span_id == enqueue.context.span_id
+        assert span.attributes["ntorque.task.id"] == task_id
+        assert span.attributes["server.address"] == "127.0.0.1"
+        assert span.attributes["http.request.method"] == "POST"
+    hooks = sorted(by_name["hook"], key=lambda s: s.attributes["ntorque.task.attempt"])
+    assert [s.attributes["ntorque.task.attempt"] for s in hooks] == [1, 2]
+    assert [s.attributes["http.response.status_code"] for s in hooks] == [500, 200]
+    acquires = sorted(by_name["acquire"], key=lambda s: s.attributes["ntorque.task.attempt"])
+    assert [s.attributes["ntorque.task.attempt"] for s in acquires] == [1, 2]
+
+    # and the hook saw, on each attempt, a traceparent of that trace naming that attempt's span.
+    seen = [r.headers.get("traceparent") for r in hook_server.calls("/traced")]
+    expected = [f"00-{CLIENT_TRACE}-{s.context.span_id:016x}-01" for s in hooks]
+    assert seen == expected
+
+
+def test_tracing_is_off_unless_the_environment_asks() -> None:
+    # No OTEL_* at all, an explicit "none", or the SDK disabled: no exporter is installed.
+    endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}
+    assert tracing.setup_tracing("web", {}) is False
+    assert tracing.setup_tracing("web", {**endpoint, "OTEL_TRACES_EXPORTER": "none"}) is False
+    assert tracing.setup_tracing("web", {**endpoint, "OTEL_SDK_DISABLED": "true"}) is False
