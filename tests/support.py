@@ -156,7 +156,7 @@ class Recorded:
 
     method: str
     path: str
-    query: str
+    query: str  # raw, as on the wire
     headers: CIMultiDict[str]
     body: bytes
     received_at: float  # time.time() when the request arrived
@@ -206,7 +206,8 @@ class HookServer:
         recorded = Recorded(
             method=request.method,
             path=path,
-            query=request.query_string,
+            # The raw query as sent (request.query_string would percent-decode it).
+            query=request.raw_path.partition("?")[2],
             headers=CIMultiDict(request.headers),
             body=body,
             received_at=time.time(),

@@ -1,0 +1,227 @@
+"""Settings.from_env: every variable read and validated; defaults as SPEC §5 says."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ntorque.settings import KNOWN_VARIABLES, Settings, SettingsError
+
+
+def test_defaults_match_the_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    s = Settings.from_env({})
+    assert s.is_sqlite
+    assert s.database_url == f"sqlite+aiosqlite:///{tmp_path.resolve() / 'ntorque.sqlite3'}"
+    assert s.redis_url is None
+    assert s.port == 5100
+    assert s.backoff == "exponential"
+    assert s.cleanup_after_days == 7
+    assert s.default_timeout_s == 60
+    assert s.min_due_delay_s == 2
+    assert s.max_due_delay_s == 7200
+    assert s.max_retries == 36
+    assert s.requeue_interval_s == 5
+    assert s.transient_request_errors == frozenset({408, 423, 429, 449})
+    assert s.authenticate is True
+    assert s.enable_hsts is False
+    assert s.hsts_protocol_header is None
+    assert s.redis_channel == "ntorque"
+    assert s.mode is None and not s.development
+    assert (s.pool_size, s.pool_max_overflow, s.pool_recycle_s, s.pool_class) == (
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+# (variable, raw value, field, parsed value): each variable reaches its field.
+GOOD: list[tuple[str, str, str, Any]] = [
+    ("REDIS_URL", "rediss://:pw@h:6380", "redis_url", "rediss://:pw@h:6380"),
+    ("PORT", "8080", "port", 8080),
+    ("NTORQUE_BACKOFF", "Linear", "backoff", "linear"),
+    ("NTORQUE_CLEANUP_AFTER_DAYS", "0.5", "cleanup_after_days", 0.5),
+    ("NTORQUE_CLEANUP_INTERVAL", "60", "cleanup_interval_s", 60),
+    ("NTORQUE_CLEANUP_BATCH", "10", "cleanup_batch", 10),
+    ("NTORQUE_DEFAULT_TIMEOUT", "30", "default_timeout_s", 30),
+    ("NTORQUE_MAX_TIMEOUT", "120", "max_timeout_s", 120),
+    ("NTORQUE_MIN_DUE_DELAY", "0.05", "min_due_delay_s", 0.05),
+    ("NTORQUE_MAX_DUE_DELAY", "60", "max_due_delay_s", 60),
+    ("NTORQUE_MAX_RETRIES", "0", "max_retries", 0),
+    ("NTORQUE_REQUEUE_INTERVAL", "0.1", "requeue_interval_s", 0.1),
+    ("NTORQUE_REQUEUE_BATCH", "50", "requeue_batch", 50),
+    ("NTORQUE_NOTIFY_BACKLOG_LIMIT", "2000", "notify_backlog_limit", 2000),
+    ("NTORQUE_TRANSIENT_REQUEST_ERRORS", "418, 429", "transient_request_errors", {418, 429}),
+    ("NTORQUE_AUTHENTICATE", "false", "authenticate", False),
+    ("NTORQUE_AUTH_CACHE_SECONDS", "0", "auth_cache_s", 0),
+    ("NTORQUE_ENABLE_HSTS", "1", "enable_hsts", True),
+    ("HSTS_PROTOCOL_HEADER", "X-Forwarded-Proto", "hsts_protocol_header", "x-forwarded-proto"),
+    ("NTORQUE_REDIS_CHANNEL", "jobs", "redis_channel", "jobs"),
+    ("NTORQUE_REDIS_TLS_VERIFY", "yes", "redis_tls_verify", True),
+    ("MODE", "development", "mode", "development"),
+    ("SQLALCHEMY_POOL_SIZE", "5", "pool_size", 5),
+    ("SQLALCHEMY_MAX_OVERFLOW", "0", "pool_max_overflow", 0),
+    ("SQLALCHEMY_POOL_RECYCLE", "300", "pool_recycle_s", 300),
+    ("SQLALCHEMY_POOL_TIMEOUT", "2.5", "pool_timeout_s", 2.5),
+    ("SQLALCHEMY_POOL_CLASS", "sqlalchemy.pool.NullPool", "pool_class", "NullPool"),
+    ("NTORQUE_DB_TIMEOUT", "3", "db_timeout_s", 3),
+    ("NTORQUE_AUTO_MIGRATE", "off", "auto_migrate", False),
+    ("NTORQUE_MAX_BODY_BYTES", "100", "max_body_bytes", 100),
+    ("NTORQUE_MAX_URL_LENGTH", "100", "max_url_length", 100),
+    ("NTORQUE_MAX_PASSTHROUGH_HEADERS", "3", "max_passthrough_headers", 3),
+    ("NTORQUE_WORKER_CONCURRENCY", "7", "worker_concurrency", 7),
+    ("NTORQUE_POLL_INTERVAL", "0.05", "poll_interval_s", 0.05),
+    ("NTORQUE_SHUTDOWN_GRACE", "10", "shutdown_grace_s", 10),
+    ("NTORQUE_MAX_REDIRECTS", "0", "max_redirects", 0),
+    ("NTORQUE_MAX_RESPONSE_BYTES", "10", "max_response_bytes", 10),
+    ("NTORQUE_METRICS_PORT", "9100", "metrics_port", 9100),
+    ("NTORQUE_METRICS_PUBLISH_INTERVAL", "5", "metrics_publish_interval_s", 5),
+    ("WEB_CONCURRENCY", "4", "web_concurrency", 4),
+    ("NTORQUE_LOG_LEVEL", "debug", "log_level", "DEBUG"),
+    ("NTORQUE_BOOTSTRAP_APP", "false", "bootstrap_app", False),
+]
+
+
+@pytest.mark.parametrize(("name", "raw", "field", "expected"), GOOD, ids=[g[0] for g in GOOD])
+def test_each_variable_is_read(name: str, raw: str, field: str, expected: Any) -> None:
+    settings = Settings.from_env({name: raw})
+    value = getattr(settings, field)
+    assert (set(value) if isinstance(value, frozenset) else value) == expected
+
+
+def test_every_known_variable_is_covered_by_the_table() -> None:
+    covered = {g[0] for g in GOOD} | {"NTORQUE_SQLITE_PATH", "NTORQUE_CA_BUNDLE", "NTORQUE_URL"}
+    assert {v for v in KNOWN_VARIABLES if v not in covered} == set()
+
+
+BAD: list[tuple[str, str]] = [
+    ("PORT", "abc"),
+    ("PORT", "70000"),
+    ("PORT", "-1"),
+    ("NTORQUE_BACKOFF", "fibonacci"),
+    ("NTORQUE_CLEANUP_AFTER_DAYS", "-1"),
+    ("NTORQUE_CLEANUP_AFTER_DAYS", "seven"),
+    ("NTORQUE_CLEANUP_INTERVAL", "0"),
+    ("NTORQUE_CLEANUP_BATCH", "0"),
+    ("NTORQUE_DEFAULT_TIMEOUT", "0"),
+    ("NTORQUE_DEFAULT_TIMEOUT", "1.5"),
+    ("NTORQUE_MAX_TIMEOUT", "0"),
+    ("NTORQUE_MIN_DUE_DELAY", "-1"),
+    ("NTORQUE_MIN_DUE_DELAY", "nan"),
+    ("NTORQUE_MIN_DUE_DELAY", "inf"),
+    ("NTORQUE_MAX_DUE_DELAY", "soon"),
+    ("NTORQUE_MAX_RETRIES", "abc"),
+    ("NTORQUE_MAX_RETRIES", "-1"),
+    ("NTORQUE_MAX_RETRIES", "3.0"),
+    ("NTORQUE_MAX_RETRIES", "1001"),
+    ("NTORQUE_REQUEUE_INTERVAL", "0"),
+    ("NTORQUE_REQUEUE_BATCH", "0"),
+    ("NTORQUE_NOTIFY_BACKLOG_LIMIT", "0"),
+    ("NTORQUE_TRANSIENT_REQUEST_ERRORS", "500"),
+    ("NTORQUE_TRANSIENT_REQUEST_ERRORS", "408;429"),
+    ("NTORQUE_TRANSIENT_REQUEST_ERRORS", "abc"),
+    ("NTORQUE_AUTHENTICATE", "maybe"),
+    ("NTORQUE_AUTH_CACHE_SECONDS", "-1"),
+    ("NTORQUE_ENABLE_HSTS", "2"),
+    ("NTORQUE_REDIS_TLS_VERIFY", "sure"),
+    ("MODE", "staging"),
+    ("SQLALCHEMY_POOL_SIZE", "0"),
+    ("SQLALCHEMY_POOL_SIZE", "big"),
+    ("SQLALCHEMY_MAX_OVERFLOW", "-2"),
+    ("SQLALCHEMY_POOL_RECYCLE", "x"),
+    ("SQLALCHEMY_POOL_TIMEOUT", "0"),
+    ("SQLALCHEMY_POOL_CLASS", "FooPool"),
+    ("NTORQUE_DB_TIMEOUT", "0"),
+    ("NTORQUE_AUTO_MIGRATE", "perhaps"),
+    ("NTORQUE_MAX_BODY_BYTES", "-1"),
+    ("NTORQUE_MAX_URL_LENGTH", "5"),
+    ("NTORQUE_MAX_PASSTHROUGH_HEADERS", "-1"),
+    ("NTORQUE_WORKER_CONCURRENCY", "0"),
+    ("NTORQUE_POLL_INTERVAL", "0"),
+    ("NTORQUE_SHUTDOWN_GRACE", "-1"),
+    ("NTORQUE_MAX_REDIRECTS", "101"),
+    ("NTORQUE_CA_BUNDLE", "/nonexistent/ca.pem"),
+    ("NTORQUE_MAX_RESPONSE_BYTES", "-1"),
+    ("NTORQUE_METRICS_PORT", "70000"),
+    ("NTORQUE_METRICS_PUBLISH_INTERVAL", "0"),
+    ("WEB_CONCURRENCY", "0"),
+    ("NTORQUE_LOG_LEVEL", "loud"),
+    ("NTORQUE_BOOTSTRAP_APP", "x"),
+    ("REDIS_URL", "http://localhost:6379"),
+    ("DATABASE_URL", "mysql://h/db"),
+    ("DATABASE_URL", "postgres://h/db?sslmode=bogus"),
+]
+
+
+@pytest.mark.parametrize(("name", "raw"), BAD, ids=[f"{n}={r}" for n, r in BAD])
+def test_bad_values_raise_naming_the_variable(name: str, raw: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({name: raw})
+    assert name in str(info.value)
+
+
+def test_combinations_are_checked() -> None:
+    with pytest.raises(SettingsError, match=r"NTORQUE_MAX_DUE_DELAY.*NTORQUE_MIN_DUE_DELAY"):
+        Settings.from_env({"NTORQUE_MIN_DUE_DELAY": "10", "NTORQUE_MAX_DUE_DELAY": "5"})
+    with pytest.raises(SettingsError, match=r"NTORQUE_DEFAULT_TIMEOUT.*NTORQUE_MAX_TIMEOUT"):
+        Settings.from_env({"NTORQUE_DEFAULT_TIMEOUT": "100", "NTORQUE_MAX_TIMEOUT": "50"})
+    with pytest.raises(SettingsError, match="NTORQUE_MAX_DUE_DELAY"):
+        Settings.from_env({}).replace(max_due_delay_s=0.5)
+
+
+def test_blank_values_mean_the_default() -> None:
+    assert Settings.from_env({"NTORQUE_MAX_RETRIES": "  ", "PORT": ""}).max_retries == 36
+
+
+@pytest.mark.parametrize(
+    ("raw", "url", "connect_args"),
+    [
+        (
+            "postgres://u:p@db.example.com:5432/d1?sslmode=require",
+            "postgresql+asyncpg://u:p@db.example.com:5432/d1",
+            {"ssl": "require"},
+        ),
+        (
+            "postgresql://u@h/d?sslmode=disable&application_name=x",
+            "postgresql+asyncpg://u@h/d?application_name=x",
+            {"ssl": "disable"},
+        ),
+        ("postgres://h/d", "postgresql+asyncpg://h/d", {}),
+        ("postgresql+asyncpg://h/d", "postgresql+asyncpg://h/d", {}),
+        ("sqlite:////var/data/x.db", "sqlite+aiosqlite:////var/data/x.db", {}),
+    ],
+)
+def test_database_url_normalisation(raw: str, url: str, connect_args: dict[str, str]) -> None:
+    settings = Settings.from_env({"DATABASE_URL": raw})
+    assert settings.database_url == url
+    assert settings.database_connect_args == connect_args
+
+
+def test_sqlite_path_variable(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "q.db"
+    settings = Settings.from_env({"NTORQUE_SQLITE_PATH": str(path)})
+    assert settings.database_url == f"sqlite+aiosqlite:///{path}"
+
+
+def test_secrets_stay_out_of_repr() -> None:
+    settings = Settings.from_env(
+        {"DATABASE_URL": "postgres://u:hunter2@h/d", "REDIS_URL": "redis://:s3cret@h:1"}
+    )
+    assert "hunter2" not in repr(settings)
+    assert "s3cret" not in repr(settings)
+
+
+def test_unknown_ntorque_variables_are_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="ntorque.settings"):
+        Settings.from_env({"NTORQUE_MAX_RETIRES": "3"})
+    assert "NTORQUE_MAX_RETIRES" in caplog.text
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings.from_env({})
+    with pytest.raises(AttributeError):
+        settings.max_retries = 3  # type: ignore[misc]
