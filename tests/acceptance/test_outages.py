@@ -1,0 +1,252 @@
+"""Redis and PostgreSQL outages, with the Procfile's processes running as on Heroku.
+
+Redis is only a doorbell: while it is down, stopped, restarted or flushed, tasks are still
+stored (201) and delivered by the clock's requeue and the workers' database poll.
+PostgreSQL is the source of truth: when it cannot be reached the web process answers a
+JSON 503 within about NTORQUE_DB_TIMEOUT, never hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from redis import asyncio as aioredis
+from redis.exceptions import RedisError
+
+from tests import support
+from tests.acceptance.harness import (
+    Api,
+    HookServer,
+    Proc,
+    Processes,
+    base_env,
+    free_port,
+    heroku_database_url,
+    start_role,
+    start_web,
+    wait_output,
+)
+
+# What the client allows the web process to answer in: generous on a loaded machine, but
+# bounded, and far below "hangs until the TCP connection dies".
+CLIENT_TIMEOUT_S = 20.0
+
+
+async def create_app(processes: Processes, env: dict[str, str]) -> str:
+    proc = await processes.run("create-app", "ntorque create-app --name outages", env)
+    assert proc.returncode == 0, proc.output()
+    return proc.stdout().strip()
+
+
+# -- Redis ----------------------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_redis_unreachable_at_enqueue_the_task_is_stored_and_the_clock_rings_for_it(
+    processes: Processes, hook: HookServer, pg_url: str, redis_channel: str, tmp_path: Path
+) -> None:
+    """Web's Redis is unreachable; workers and clock have theirs. The clock's ring delivers."""
+    env = base_env(
+        tmp_path,
+        DATABASE_URL=heroku_database_url(pg_url),
+        REDIS_URL=support.REDIS_URL,
+        NTORQUE_REDIS_CHANNEL=redis_channel,
+        # The worker polls the database only every 30 s: a prompt delivery needs a ring.
+        NTORQUE_POLL_INTERVAL="30",
+    )
+    web_env = {**env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    api = Api(await start_web(processes, web_env), await create_app(processes, env))
+    try:
+        worker = await start_role(processes, "worker", env, "worker")
+        await start_role(processes, "clock", env, "clock")
+
+        ids = await api.enqueue_many(hook.url + "/ok", 5)  # each answered 201
+
+        await api.wait_status(ids, "COMPLETED", timeout_s=20)
+    finally:
+        await api.close()
+    assert all(hook.count(task_id) == 1 for task_id in ids)
+    web = next(p for p in processes.started if p.name == "web")
+    assert "action=notify failed" in web.output()
+    # The worker sits in a 30 s BLPOP; it need not be polite about it.
+    await processes.stop(worker, grace_s=0.5)
+
+
+class PrivateRedis:
+    """A redis-server of this test's own on a free port, to stop, restart and flush."""
+
+    def __init__(self, processes: Processes, env: dict[str, str]) -> None:
+        self.processes = processes
+        self.env = env
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: Proc | None = None
+
+    async def start(self) -> None:
+        command = f"redis-server --port {self.port} --bind 127.0.0.1 --save '' --appendonly no"
+        self.proc = self.processes.start("redis-server", command, self.env)
+        client = aioredis.Redis.from_url(self.url, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            for _ in range(100):
+                with contextlib.suppress(RedisError, OSError):
+                    if await client.ping():
+                        return
+                assert self.proc.returncode is None, self.proc.output()
+                await asyncio.sleep(0.1)
+        finally:
+            await client.aclose()
+        raise AssertionError("the private redis-server did not answer PING")
+
+    async def stop(self) -> None:
+        assert self.proc is not None
+        await self.processes.stop(self.proc)
+
+    async def flushdb(self) -> int:
+        client = aioredis.Redis.from_url(self.url, socket_timeout=5)
+        try:
+            length = int(await client.llen("ntorque"))
+            await client.flushdb()
+            return length
+        finally:
+            await client.aclose()
+
+
+@pytest.fixture
+async def private_redis(processes: Processes, tmp_path: Path) -> AsyncIterator[PrivateRedis]:
+    redis = PrivateRedis(processes, base_env(tmp_path))
+    await redis.start()
+    yield redis  # the processes fixture stops it
+
+
+@pytest.mark.postgres
+@pytest.mark.redis  # a private redis-server binary
+@pytest.mark.slow
+async def test_redis_stopped_restarted_and_flushed_mid_run_every_task_is_delivered(
+    processes: Processes,
+    hook: HookServer,
+    pg_url: str,
+    private_redis: PrivateRedis,
+    tmp_path: Path,
+) -> None:
+    env = base_env(
+        tmp_path,
+        DATABASE_URL=heroku_database_url(pg_url),
+        REDIS_URL=private_redis.url,
+        NTORQUE_WORKER_CONCURRENCY="4",
+    )
+    api = Api(await start_web(processes, env), await create_app(processes, env))
+    delivered: list[int] = []
+    try:
+        await start_role(processes, "worker", env, "worker")
+        await start_role(processes, "clock", env, "clock")
+
+        # Up: the normal path.
+        ids = await api.enqueue_many(hook.url + "/ok", 10)
+        await api.wait_status(ids, "COMPLETED")
+        delivered += ids
+
+        # Down: every enqueue still answers 201, every task is still delivered.
+        await private_redis.stop()
+        ids = await api.enqueue_many(hook.url + "/ok", 10)
+        await api.wait_status(ids, "COMPLETED")
+        delivered += ids
+
+        # Back, on the same port: the processes reconnect by themselves.
+        await private_redis.start()
+        ids = await api.enqueue_many(hook.url + "/ok", 10)
+        await api.wait_status(ids, "COMPLETED")
+        delivered += ids
+
+        # Flushed with notifications queued (4 slow hooks at a time, 40 tasks).
+        ids = await api.enqueue_many(hook.url + "/slow/100", 40)
+        queued = await private_redis.flushdb()
+        print(f"FLUSHDB dropped {queued} queued notifications")
+        await api.wait_status(ids, "COMPLETED")
+        delivered += ids
+    finally:
+        await api.close()
+
+    per_task = hook.per_task()
+    assert [task_id for task_id in delivered if per_task[task_id] < 1] == []
+    worker = next(p for p in processes.started if p.name == "worker")
+    assert "notification channel unavailable" in worker.output()
+
+
+# -- PostgreSQL -----------------------------------------------------------------------------
+
+
+async def assert_prompt_503(base: str, *, key: str | None) -> None:
+    headers = {"NTORQUE-API-KEY": key} if key else {}
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=CLIENT_TIMEOUT_S) as c:
+        # Liveness needs no database.
+        assert (await c.get("/")).status_code == 200
+        for response in await asyncio.gather(
+            c.post("/", params={"url": "http://127.0.0.1:9/hook"}, content=b"x"),
+            c.get("/tasks/1"),
+            c.post("/tasks/1/push"),
+        ):
+            assert response.status_code == 503, (response.request.url, response.text)
+            assert response.headers["content-type"].startswith("application/json")
+            assert response.json()["code"] == "unavailable"
+            assert response.headers.get("retry-after")
+
+
+async def test_postgres_refusing_connections_web_answers_503_json_promptly(
+    processes: Processes, tmp_path: Path
+) -> None:
+    dead = f"postgres://postgres@127.0.0.1:{free_port()}/ntorque"
+    env = base_env(tmp_path, DATABASE_URL=dead, NTORQUE_DB_TIMEOUT="2")
+
+    base = await start_web(processes, env)
+
+    await assert_prompt_503(base, key="0" * 40)
+
+
+@contextlib.asynccontextmanager
+async def black_hole() -> AsyncIterator[int]:
+    """A TCP server that accepts connections and never says a word; yields its port."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(65536):
+                pass
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    try:
+        yield int(server.sockets[0].getsockname()[1])
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_postgres_black_hole_web_answers_503_json_within_the_db_timeout(
+    processes: Processes, tmp_path: Path
+) -> None:
+    """The server accepts TCP but never answers: requests must still end, in a 503."""
+    async with black_hole() as port:
+        env = base_env(
+            tmp_path,
+            DATABASE_URL=f"postgres://postgres@127.0.0.1:{port}/ntorque",
+            NTORQUE_DB_TIMEOUT="2",
+            # Straight to the insert path (no key lookup first).
+            NTORQUE_AUTHENTICATE="false",
+        )
+        base = await start_web(processes, env)
+
+        await assert_prompt_503(base, key=None)
+
+        web = next(p for p in processes.started if p.name == "web")
+        assert await processes.stop(web) in (0, -signal.SIGTERM)
+        await wait_output(web, "Application shutdown complete", timeout_s=1)
