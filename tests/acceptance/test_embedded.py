@@ -1,0 +1,96 @@
+"""The README's start command, ``ntorque run``, on a machine with no PostgreSQL and no Redis.
+
+No DATABASE_URL, no REDIS_URL: an SQLite file and in-process notification. The first start
+prints an API key once; stored pending tasks survive a restart and are then delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+from pathlib import Path
+from typing import Any
+
+from tests.acceptance.harness import (
+    Api,
+    HookServer,
+    Processes,
+    base_env,
+    free_port,
+    wait_http,
+    wait_output,
+)
+
+KEY_LINE = re.compile(r"^\s+([0-9a-f]{40})\s*$", re.MULTILINE)
+
+
+async def start_run(processes: Processes, env: dict[str, str]) -> tuple[str, str]:
+    """Start ``ntorque run``; (its base URL, its output once it listens)."""
+    proc = processes.start("ntorque-run", "ntorque run", env)
+    base = f"http://127.0.0.1:{env['PORT']}"
+    output = await wait_output(proc, f"listening on {base}")
+    await wait_http(base + "/", proc)
+    return base, output
+
+
+async def test_ntorque_run_without_database_or_redis_delivers_and_keeps_pending_tasks(
+    processes: Processes, hook: HookServer, tmp_path: Path
+) -> None:
+    sqlite_path = tmp_path / "data" / "ntorque.sqlite3"
+    env = base_env(
+        tmp_path,
+        PORT=str(free_port()),
+        NTORQUE_SQLITE_PATH=str(sqlite_path),
+        # A hook that is down is retried (quickly) for as long as this test needs.
+        NTORQUE_MAX_RETRIES="1000",
+    )
+    assert "DATABASE_URL" not in env and "REDIS_URL" not in env
+
+    base, output = await start_run(processes, env)
+    keys = KEY_LINE.findall(output)
+    assert len(keys) == 1, f"expected one API key on the first start:\n{output}"
+    assert str(sqlite_path) in output  # it says where the data lives
+    api = Api(base, keys[0])
+    try:
+        first = await api.enqueue(hook.url + "/ok", b"first")
+        await api.wait_status([first], "COMPLETED")
+        assert hook.count(first) == 1
+
+        # A hook that is down: the tasks are attempted, refused, and stay PENDING.
+        down = HookServer()
+        pending = await api.enqueue_many(down.url + "/ok", 5)
+        await wait_for_attempts(api, pending)
+    finally:
+        await api.close()
+
+    run = processes.started[-1]
+    assert await processes.stop(run) in (0, -signal.SIGTERM)
+    assert sqlite_path.is_file()
+
+    await down.start()
+    try:
+        env["PORT"] = str(free_port())
+        base, output = await start_run(processes, env)
+        assert KEY_LINE.findall(output) == [], "the key must be shown only on the first start"
+        api = Api(base, keys[0])
+        try:
+            done = await api.wait_status(pending, "COMPLETED")
+        finally:
+            await api.close()
+        assert all(down.count(task_id) == 1 for task_id in pending)
+        assert all(done[task_id]["retry_count"] >= 2 for task_id in pending)
+    finally:
+        await down.stop()
+
+
+async def wait_for_attempts(api: Api, task_ids: list[int]) -> None:
+    """Wait until every task has been tried and refused at least once, and is PENDING."""
+    seen: dict[int, dict[str, Any]] = {}
+    for _ in range(200):  # about 20 s at most
+        seen = {task_id: await api.task(task_id) for task_id in task_ids}
+        if all(t["retry_count"] >= 1 and t["last_error"] for t in seen.values()):
+            break
+        await asyncio.sleep(0.1)
+    assert all(t["status"] == "PENDING" for t in seen.values()), seen
+    assert all(t["retry_count"] >= 1 and t["last_error"] for t in seen.values()), seen
