@@ -76,6 +76,8 @@ async def test_redis_unreachable_at_enqueue_the_task_is_stored_and_the_clock_rin
     assert all(hook.count(task_id) == 1 for task_id in ids)
     web = next(p for p in processes.started if p.name == "web")
     assert "action=notify failed" in web.output()
+    clock = next(p for p in processes.started if p.name == "clock")
+    assert "action=requeue count=" in clock.output()
     # The worker sits in a 30 s BLPOP; it need not be polite about it.
     await processes.stop(worker, grace_s=0.5)
 

@@ -47,10 +47,6 @@ async def create_app(processes: Processes, env: dict[str, str]) -> str:
     return proc.stdout().strip()
 
 
-async def enqueue_many(api: Api, url: str, count: int) -> list[int]:
-    return await api.enqueue_many(url, count)
-
-
 async def test_three_workers_fed_duplicate_notifications_never_repeat_an_attempt(
     processes: Processes, hook: HookServer, pg_url: str, redis_channel: str, tmp_path: Path
 ) -> None:
@@ -76,14 +72,17 @@ async def test_three_workers_fed_duplicate_notifications_never_repeat_an_attempt
 
     try:
         await start_role(processes, "clock", env, "clock")
-        # Each task fails twice (attempts 0 and 1), then completes: three attempts each.
-        ids = await enqueue_many(api, hook.url + "/flaky/2", 60)
-        for _ in range(5):
-            await redis.rpush(redis_channel, *ids)
-
+        # All three wait on the channel before the first task arrives, so they all race.
         workers: list[Proc] = await asyncio.gather(
             *(start_role(processes, "worker", env, f"worker{i}") for i in range(3))
         )
+        # Each task fails twice (attempts 0 and 1), then completes: three attempts each.
+        # Every task is rung for five more times as soon as it is stored.
+        ids: list[int] = []
+        for _ in range(6):
+            chunk = await api.enqueue_many(hook.url + "/flaky/2", 10)
+            await redis.rpush(redis_channel, *(chunk * 5))
+            ids += chunk
         pusher = asyncio.create_task(push_duplicates(ids))
         try:
             await api.wait_status(ids, "COMPLETED", timeout_s=90)
@@ -125,7 +124,7 @@ async def test_worker_sigkilled_three_times_mid_call_loses_no_task(
     try:
         await start_role(processes, "clock", env, "clock")
         worker = await start_role(processes, "worker", env, "worker")
-        ids = await enqueue_many(api, hook.url + "/jitter/50/200", 200)
+        ids = await api.enqueue_many(hook.url + "/jitter/50/200", 200)
 
         in_flight_at_kill = []
         for threshold in (40, 90, 140):
