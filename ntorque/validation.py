@@ -46,6 +46,10 @@ def _single(request: Request, name: str) -> str | None:
 
 def task_from_request(request: Request, settings: Settings) -> TaskSpec:
     """Validate everything but the body."""
+    # url, method and timeout (the url percent-encoded) fit well within this; more is junk.
+    max_query = 3 * settings.max_url_length + 256
+    if len(request.scope.get("query_string", b"")) > max_query:
+        raise BadRequest(f"the query string is longer than {max_query} bytes", "bad_query")
     url = _single(request, "url")
     if url is None or url == "":
         raise BadRequest("the url query parameter is required", "bad_url")
