@@ -386,3 +386,78 @@ async def gather_limited(coros: Iterable[Awaitable[Any]], limit: int = 20) -> li
             return await coro
 
     return await asyncio.gather(*(one(c) for c in coros))
+
+
+# -- raw HTTP, for requests well-behaved clients refuse to send ---------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RawResponse:
+    status: int
+    headers: dict[str, str]  # lower-cased names
+    body: bytes
+
+    def json(self) -> Any:
+        import json
+
+        return json.loads(self.body)
+
+
+async def raw_http(
+    base_url: str,
+    method: str,
+    target: str,
+    headers: Iterable[tuple[str, str]] = (),
+    body: bytes = b"",
+    timeout_s: float = 10.0,
+) -> RawResponse:
+    """Send one hand-written HTTP/1.1 request (no client-side validation at all)."""
+    host, _, port = base_url.removeprefix("http://").rstrip("/").partition(":")
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}:{port}", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    if body or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(body)}")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    async with asyncio.timeout(timeout_s):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(head + body)
+            await writer.drain()
+            data = await reader.read()
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+    return parse_response(data)
+
+
+def parse_response(data: bytes) -> RawResponse:
+    """Parse a complete HTTP/1.1 response (Content-Length or chunked body)."""
+    head, _, rest = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    parsed = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        parsed[name.strip().lower()] = value.strip()
+    body = rest
+    if parsed.get("transfer-encoding", "").lower() == "chunked":
+        body, chunks = b"", rest
+        while chunks:
+            size_line, _, chunks = chunks.partition(b"\r\n")
+            size = int(size_line.split(b";")[0] or b"0", 16)
+            if size == 0:
+                break
+            body += chunks[:size]
+            chunks = chunks[size + 2 :]
+    return RawResponse(status=int(status_line.split(" ")[1]), headers=parsed, body=body)
+
+
+async def count_tasks(store: Store) -> int:
+    """Rows in the tasks table (to prove a refused request wrote nothing)."""
+    import sqlalchemy as sa
+
+    from ntorque.schema import tasks
+
+    async with store.engine.connect() as conn:
+        result = await conn.execute(sa.select(sa.func.count()).select_from(tasks))
+        return int(result.scalar_one())

@@ -1,0 +1,243 @@
+"""The bad-input battery (SPEC §3): every case a 4xx JSON error, never a 500, no task row.
+
+Requests are written by hand on a socket, so nothing a polite client would refuse to send
+is filtered out before ntorque sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from urllib.parse import quote
+
+import pytest
+
+from ntorque.notify import Notifier
+from ntorque.settings import Settings
+from ntorque.store import Store
+from tests.support import count_tasks, parse_response, raw_http, serve_app
+
+pytestmark = pytest.mark.ntorque_env(NTORQUE_MAX_BODY_BYTES="1000")
+
+HOOK = "http://127.0.0.1:9/hook"
+
+
+def q(url: str) -> str:
+    return "/?url=" + quote(url, safe="")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    target: str
+    method: str = "POST"
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+    status: int = 400
+    # The HTTP server itself may refuse a malformed request before ntorque sees it
+    # (a plain-text 400): acceptable, as long as nothing is stored.
+    server_may_refuse: bool = False
+
+
+def passthrough(name: str, value: str = "v") -> list[tuple[str, str]]:
+    return [(f"NTORQUE-PASSTHROUGH-{name}", value)]
+
+
+CASES = [
+    Case("missing url", "/"),
+    Case("empty url", "/?url="),
+    Case("relative url", q("/hook")),
+    Case("url without scheme", q("example.com/hook")),
+    Case("over-long url", q("http://example.com/" + "a" * 3000)),
+    Case("ftp scheme", q("ftp://example.com/f")),
+    Case("javascript scheme", q("javascript:alert(1)")),
+    Case("file scheme", q("file:///etc/passwd")),
+    Case("url with a space", q("http://exa mple.com/")),
+    Case("url with a control char", q("http://example.com/\x01")),
+    Case("url with CRLF", q("http://example.com/\r\nX-Evil: 1")),
+    Case("url without host", q("http:///path")),
+    Case("url with bad port", q("http://example.com:99999/")),
+    Case("url with non-numeric port", q("http://example.com:abc/")),
+    Case("url given twice", q(HOOK) + "&url=" + quote(HOOK, safe="")),
+    Case("method GET", q(HOOK) + "&method=GET"),
+    Case("method TRACE", q(HOOK) + "&method=TRACE"),
+    Case("empty method", q(HOOK) + "&method="),
+    Case("timeout not a number", q(HOOK) + "&timeout=abc"),
+    Case("timeout zero", q(HOOK) + "&timeout=0"),
+    Case("timeout negative", q(HOOK) + "&timeout=-5"),
+    Case("timeout float", q(HOOK) + "&timeout=1.5"),
+    Case("timeout over max", q(HOOK) + "&timeout=3601"),
+    Case("timeout huge", q(HOOK) + "&timeout=" + "9" * 30),
+    Case("timeout given twice", q(HOOK) + "&timeout=5&timeout=6"),
+    Case("passthrough Host", q(HOOK), headers=passthrough("Host", "evil.example")),
+    Case("passthrough Content-Length", q(HOOK), headers=passthrough("Content-Length", "5")),
+    Case("passthrough Transfer-Encoding", q(HOOK), headers=passthrough("Transfer-Encoding")),
+    Case("passthrough Connection", q(HOOK), headers=passthrough("Connection", "close")),
+    Case("passthrough Upgrade", q(HOOK), headers=passthrough("Upgrade", "h2c")),
+    Case("passthrough Content-Type", q(HOOK), headers=passthrough("Content-Type", "x/y")),
+    Case("passthrough task id", q(HOOK), headers=passthrough("NTORQUE-TASK-ID", "1")),
+    Case("passthrough traceparent", q(HOOK), headers=passthrough("traceparent", "00-x")),
+    Case("passthrough empty name", q(HOOK), headers=passthrough("")),
+    Case(
+        "passthrough invalid name",
+        q(HOOK),
+        headers=passthrough("a(b)"),
+        server_may_refuse=True,
+    ),
+    Case(
+        "passthrough control char value",
+        q(HOOK),
+        headers=passthrough("X-A", "a\x01b"),
+        server_may_refuse=True,
+    ),
+    Case(
+        "passthrough CR in value",
+        q(HOOK),
+        headers=passthrough("X-A", "a\rb"),
+        server_may_refuse=True,
+    ),
+    Case("passthrough over-long value", q(HOOK), headers=passthrough("X-A", "v" * 9000)),
+    Case(
+        "too many passthrough headers",
+        q(HOOK),
+        headers=[(f"NTORQUE-PASSTHROUGH-X-H{i}", "v") for i in range(40)],
+    ),
+    Case("long query string", q(HOOK) + "&pad=" + "x" * 7000),
+    Case("huge query string", q(HOOK) + "&pad=" + "x" * 100_000, server_may_refuse=True),
+    Case(
+        "content type with control char",
+        q(HOOK),
+        headers=[("Content-Type", "text/plain\x01")],
+        server_may_refuse=True,
+    ),
+    Case("body over the limit", q(HOOK), body=b"x" * 2000, status=413),
+    # Task ids and routes.
+    Case("task id letters", "/tasks/abc", method="GET", status=404),
+    Case("task id negative", "/tasks/-1", method="GET", status=404),
+    Case("task id zero", "/tasks/0", method="GET", status=404),
+    Case("task id float", "/tasks/1.5", method="GET", status=404),
+    Case("task id huge", "/tasks/" + "9" * 25, method="GET", status=404),
+    Case("task id beyond bigint", "/tasks/9223372036854775808", method="GET", status=404),
+    Case("task id NUL", "/tasks/%00", method="GET", status=404),
+    Case("task id unicode digits", "/tasks/%D9%A1", method="GET", status=404),
+    Case("unknown task", "/tasks/424242", method="GET", status=404),
+    Case("push unknown task", "/tasks/424242/push", status=404),
+    Case("push malformed id", "/task/x1/push", status=404),
+    Case("unknown route", "/nope", method="GET", status=404),
+    Case("unknown nested route", "/tasks/1/pull", method="POST", status=404),
+    Case("PUT on /", "/", method="PUT", status=405),
+    Case("DELETE a task", "/tasks/1", method="DELETE", status=405),
+    Case("GET push", "/tasks/1/push", method="GET", status=405),
+    Case("POST metrics", "/metrics", status=405),
+]
+
+
+async def test_bad_input_battery(settings: Settings, store: Store, notifier: Notifier) -> None:
+    _, key = await store.create_app("battery")
+    assert len(CASES) >= 25
+    problems: list[str] = []
+    async with serve_app(settings, store, notifier) as base:
+        for case in CASES:
+            headers = [("NTORQUE_API_KEY", key), *case.headers]
+            try:
+                response = await raw_http(base, case.method, case.target, headers, case.body)
+            except (ConnectionError, asyncio.IncompleteReadError) as exc:
+                if not case.server_may_refuse:
+                    problems.append(f"{case.name}: connection dropped ({exc})")
+                continue
+            is_json = response.headers.get("content-type", "").startswith("application/json")
+            if case.server_may_refuse and not is_json:
+                if response.status != 400:
+                    problems.append(f"{case.name}: server answered {response.status}")
+                continue
+            if response.status != case.status:
+                problems.append(f"{case.name}: {response.status} {response.body[:200]!r}")
+            elif not is_json or not response.json().get("error"):
+                problems.append(f"{case.name}: not a JSON error: {response.body[:200]!r}")
+        # The same hook URL is accepted when nothing else is wrong (the cases are precise).
+        ok = await raw_http(base, "POST", q(HOOK), [("NTORQUE_API_KEY", key)], b"fine")
+        assert ok.status == 201, ok.body
+    assert not problems, "\n".join(problems)
+    assert await count_tasks(store) == 1, "no refused request wrote a task"
+
+
+async def test_chunked_body_over_the_limit_is_refused_while_streaming(
+    settings: Settings, store: Store, notifier: Notifier
+) -> None:
+    _, key = await store.create_app("stream")
+    chunk = b"y" * 16_384
+    total_chunks = 4096  # 64 MiB offered; the limit is 1000 bytes
+    sent = 0
+    async with serve_app(settings, store, notifier) as base:
+        host, _, port = base.removeprefix("http://").partition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        head = (
+            f"POST {q(HOOK)} HTTP/1.1\r\nHost: {host}\r\nNTORQUE_API_KEY: {key}\r\n"
+            "Content-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        writer.write(head.encode())
+
+        async def stream() -> None:
+            nonlocal sent
+            for _ in range(total_chunks):
+                writer.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                await writer.drain()
+                sent += 1
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+        streaming = asyncio.create_task(stream())
+        sent_when_answered = -1
+        try:
+            async with asyncio.timeout(30):
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    more = await reader.read(65536)
+                    if not more:
+                        break
+                    data += more
+                sent_when_answered = sent
+                # Read the rest of the (small) body if the server sent it.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2):
+                        while more := await reader.read(65536):
+                            data += more
+        finally:
+            streaming.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await streaming
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+    response = parse_response(data)
+    assert response.status == 413
+    assert response.json()["code"] == "body_too_large"
+    assert sent_when_answered < total_chunks, "answered before the client finished sending"
+    assert await count_tasks(store) == 0
+
+
+async def test_declared_length_over_the_limit_is_refused_before_reading(
+    settings: Settings, store: Store, notifier: Notifier
+) -> None:
+    _, key = await store.create_app("declared")
+    async with serve_app(settings, store, notifier) as base:
+        host, _, port = base.removeprefix("http://").partition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        # Declare 50 MB but send only the headers: a server that waited for the body
+        # before checking would hang here.
+        writer.write(
+            (
+                f"POST {q(HOOK)} HTTP/1.1\r\nHost: {host}\r\nNTORQUE_API_KEY: {key}\r\n"
+                "Content-Length: 50000000\r\n\r\n"
+            ).encode()
+        )
+        await writer.drain()
+        started = time.monotonic()
+        async with asyncio.timeout(20):
+            data = await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+        assert time.monotonic() - started < 20
+    assert data.startswith(b"HTTP/1.1 413")
+    assert await count_tasks(store) == 0
