@@ -1,0 +1,125 @@
+"""The clock: cleanup deletes only old finished tasks; requeue rings in due order, bounded.
+
+Same tests on SQLite + in-process and PostgreSQL + Redis.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from ntorque.clock import Clock
+from ntorque.notify import Notifier
+from ntorque.schema import tasks
+from ntorque.settings import Settings
+from ntorque.store import Store
+from tests.conftest import Backend
+from tests.support import new_task
+
+URL = "http://127.0.0.1:9/hook"
+DAY = 86400.0
+
+
+async def set_rows(store: Store, ids: list[int], **values: object) -> None:
+    async with store.engine.begin() as conn:
+        await conn.execute(tasks.update().where(tasks.c.id.in_(ids)).values(**values))
+
+
+async def remaining(store: Store) -> set[int]:
+    async with store.engine.connect() as conn:
+        return {r.id for r in await conn.execute(sa.select(tasks.c.id))}
+
+
+@pytest.mark.ntorque_env(NTORQUE_CLEANUP_AFTER_DAYS="7", NTORQUE_CLEANUP_BATCH="3")
+async def test_cleanup_deletes_only_old_finished_tasks(
+    settings: Settings, store: Store, notifier: Notifier
+) -> None:
+    now = time.time()
+    added = await store.add_tasks([new_task(URL) for _ in range(17)])
+    ids = [t.id for t in added]
+    old_completed, old_failed = ids[0:4], ids[4:8]
+    old_pending, new_completed, new_failed, new_pending = (
+        ids[8:11],
+        ids[11:13],
+        ids[13:15],
+        ids[15:17],
+    )
+    await set_rows(store, old_completed, status="COMPLETED", modified=now - 8 * DAY)
+    await set_rows(store, old_failed, status="FAILED", modified=now - 30 * DAY)
+    # Pending for weeks (e.g. a long backoff, or a stuck task): never deleted.
+    await set_rows(store, old_pending, modified=now - 40 * DAY, due=now + DAY)
+    await set_rows(store, new_completed, status="COMPLETED", modified=now - 6 * DAY)
+    await set_rows(store, new_failed, status="FAILED", modified=now - 60)
+    deleted = await Clock(settings, store, notifier).cleanup()
+    assert deleted == 8, "batches of 3 repeat until all old finished tasks are gone"
+    assert await remaining(store) == set(old_pending + new_completed + new_failed + new_pending)
+    assert await Clock(settings, store, notifier).cleanup() == 0
+
+
+@pytest.mark.ntorque_env(NTORQUE_NOTIFY_BACKLOG_LIMIT="2000", NTORQUE_REQUEUE_BATCH="500")
+async def test_requeue_of_a_big_backlog_stays_bounded_and_in_due_order(
+    backend: Backend, settings: Settings, store: Store, notifier: Notifier
+) -> None:
+    for start in range(0, 10_000, 2500):
+        await store.add_tasks([new_task(URL) for _ in range(start, start + 2500)])
+    now = time.time()
+    async with store.engine.begin() as conn:
+        # Due order is the reverse of id order, so ringing by id would be caught.
+        await conn.execute(tasks.update().values(due=now - 100 - tasks.c.id * 0.001))
+        newest = (await conn.execute(sa.select(sa.func.max(tasks.c.id)))).scalar_one()
+    clock = Clock(settings, store, notifier)
+    assert await clock.requeue() == 2000
+    assert await notifier.pending() == 2000
+    assert await clock.requeue() == 0, "a full channel takes no more"
+    assert await notifier.pending() == 2000
+
+    # Workers take 700; the next requeue refills only up to the bound.
+    taken = await notifier.wait(700, 1.0)
+    assert taken == list(range(newest, newest - 700, -1)), "rung in due order"
+    assert await notifier.pending() == 1300
+    assert await clock.requeue() == 700
+    assert await notifier.pending() == 2000
+    if backend.notify == "redis":
+        # Redis keeps duplicates: the refill rang the oldest due tasks again.
+        rest = await notifier.wait(2000, 1.0)
+        assert rest[:1300] == list(range(newest - 700, newest - 2000, -1))
+        assert rest[1300:] == list(range(newest, newest - 700, -1))
+
+
+async def test_requeue_skips_finished_and_not_yet_due(
+    settings: Settings, store: Store, notifier: Notifier
+) -> None:
+    due, later, done = await store.add_tasks([new_task(URL) for _ in range(3)])
+    now = time.time()
+    await set_rows(store, [due.id], due=now - 5)
+    await set_rows(store, [later.id], due=now + 3600)
+    await set_rows(store, [done.id], status="COMPLETED", due=now - 10)
+    assert await Clock(settings, store, notifier).requeue() == 1
+    assert await notifier.wait(10, 1.0) == [due.id]
+
+
+@pytest.mark.ntorque_env(NTORQUE_MAX_RETRIES="1")
+async def test_tick_fails_exhausted_tasks(
+    settings: Settings, store: Store, notifier: Notifier
+) -> None:
+    [task] = await store.add_tasks([new_task(URL, timeout=1)])
+    now = time.time()
+    for _ in range(2):
+        [taken] = await store.acquire([task.id], now=now)
+        now = taken.due + 0.01
+    await set_rows(store, [task.id], due=time.time() - 1)
+    await Clock(settings, store, notifier).tick()
+    stored = await store.get_task(task.id)
+    assert stored is not None and stored.status == "FAILED"
+    assert await notifier.pending() == 0, "an exhausted task is not rung for"
+
+
+@pytest.mark.parametrize("backend", ["sqlite-poll"], indirect=True)
+async def test_requeue_with_polling_rings_nothing(
+    settings: Settings, store: Store, notifier: Notifier
+) -> None:
+    await store.add_tasks([new_task(URL)])
+    assert notifier.rings is False
+    assert await Clock(settings, store, notifier).requeue() == 0

@@ -1,0 +1,84 @@
+"""The doorbell, on every backend: Redis list, in-process, and none (polling)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+
+from ntorque.notify import Notifier, NotifyError, RedisNotifier, create_notifier
+from ntorque.settings import Settings
+from tests.conftest import ALL_BACKENDS, Backend, backend_param
+from tests.support import REDIS_URL, free_port, make_settings
+
+RINGING = [backend_param(n) for n in ("sqlite-local", "postgres-redis")]
+
+
+@pytest.mark.parametrize("backend", RINGING, indirect=True)
+async def test_notify_then_wait_in_order(notifier: Notifier) -> None:
+    assert await notifier.pending() == 0
+    await notifier.notify([5, 3, 9])
+    await notifier.notify([])
+    assert await notifier.pending() == 3
+    assert await notifier.wait(2, 1.0) == [5, 3]
+    assert await notifier.wait(10, 1.0) == [9]
+    assert await notifier.pending() == 0
+
+
+@pytest.mark.parametrize("backend", RINGING, indirect=True)
+async def test_wait_returns_empty_after_its_timeout(notifier: Notifier) -> None:
+    async with asyncio.timeout(10):
+        assert await notifier.wait(10, 0.1) == []
+
+
+@pytest.mark.parametrize("backend", RINGING, indirect=True)
+async def test_a_waiting_worker_wakes_on_notify(notifier: Notifier) -> None:
+    waiting = asyncio.create_task(notifier.wait(10, 5.0))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    await notifier.notify([42])
+    async with asyncio.timeout(5):
+        assert await waiting == [42]
+
+
+@pytest.mark.parametrize("backend", [backend_param("sqlite-poll")], indirect=True)
+async def test_polling_notifier_is_silent(notifier: Notifier) -> None:
+    assert notifier.rings is False
+    await notifier.notify([1, 2])
+    assert await notifier.pending() == 0
+    assert await notifier.wait(10, 0.01) == []
+
+
+@pytest.mark.parametrize("backend", [backend_param(n) for n in ALL_BACKENDS], indirect=True)
+def test_create_notifier_picks_the_backend(backend: Backend) -> None:
+    in_process = backend.notify != "poll"
+    notifier = create_notifier(backend.settings, in_process=in_process)
+    assert notifier.kind == backend.notify
+
+
+@pytest.mark.redis
+async def test_redis_ignores_malformed_items(redis_channel: str) -> None:
+    settings = make_settings(REDIS_URL=REDIS_URL, NTORQUE_REDIS_CHANNEL=redis_channel)
+    notifier = RedisNotifier(settings)
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        await client.rpush(redis_channel, b"7", b"junk", b"8")
+        assert await notifier.wait(10, 1.0) == [7, 8]
+    finally:
+        await client.aclose()
+        await notifier.close()
+
+
+async def test_redis_down_raises_notify_error() -> None:
+    settings: Settings = make_settings(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    notifier = RedisNotifier(settings)
+    try:
+        with pytest.raises(NotifyError):
+            await notifier.notify([1])
+        with pytest.raises(NotifyError):
+            await notifier.pending()
+        with pytest.raises(NotifyError):
+            await notifier.wait(1, 0.1)
+    finally:
+        await notifier.close()

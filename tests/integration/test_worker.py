@@ -1,0 +1,87 @@
+"""The worker on every backend, including polling (no doorbell at all)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ntorque.hooks import AiohttpHookClient
+from ntorque.notify import Notifier
+from ntorque.settings import Settings
+from ntorque.store import Store
+from ntorque.worker import Worker
+from tests.conftest import ALL_BACKENDS, backend_param
+from tests.support import HookServer, Reply, new_task, run_until_settled, wait_until, worker_running
+
+EVERY = pytest.mark.parametrize("backend", [backend_param(n) for n in ALL_BACKENDS], indirect=True)
+
+
+@EVERY
+async def test_running_worker_delivers_rung_and_unrung_tasks(
+    settings: Settings, store: Store, notifier: Notifier, hook_server: HookServer
+) -> None:
+    url = hook_server.script("/h", 200)
+    async with worker_running(settings, store, notifier):
+        rung = await store.add_tasks([new_task(url, body=b"rung") for _ in range(5)])
+        await notifier.notify([t.id for t in rung])
+        # Nobody rings for these: the worker's poll must find them.
+        silent = await store.add_tasks([new_task(url, body=b"silent") for _ in range(5)])
+        await wait_until(lambda: hook_server.count("/h") >= 10, timeout_s=15, message="delivery")
+    for task in [*rung, *silent]:
+        stored = await store.get_task(task.id)
+        assert stored is not None and stored.status == "COMPLETED"
+    assert sorted(c.body for c in hook_server.calls("/h")) == [b"rung"] * 5 + [b"silent"] * 5
+
+
+@EVERY
+@pytest.mark.ntorque_env(NTORQUE_WORKER_CONCURRENCY="3")
+async def test_concurrency_bounds_calls_in_flight(
+    settings: Settings, store: Store, notifier: Notifier, hook_server: HookServer
+) -> None:
+    url = hook_server.script("/slow", Reply(delay_s=0.2))
+    added = await store.add_tasks([new_task(url) for _ in range(9)])
+    await run_until_settled(settings, store, notifier, [t.id for t in added])
+    assert hook_server.count("/slow") == 9
+    assert hook_server.max_concurrent["/slow"] <= 3
+
+
+@pytest.mark.ntorque_env(NTORQUE_SHUTDOWN_GRACE="10")
+async def test_stop_lets_in_flight_calls_finish(
+    settings: Settings, store: Store, notifier: Notifier, hook_server: HookServer
+) -> None:
+    url = hook_server.script("/slow", Reply(delay_s=0.5))
+    [task] = await store.add_tasks([new_task(url)])
+    hooks = AiohttpHookClient(settings)
+    worker = Worker(settings, store, notifier, hooks)
+    running = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: hook_server.count("/slow") == 1, timeout_s=10, message="call")
+        worker.stop()
+        async with asyncio.timeout(15):
+            await running
+    finally:
+        await hooks.close()
+    stored = await store.get_task(task.id)
+    assert stored is not None and stored.status == "COMPLETED", "recorded before exiting"
+
+
+@pytest.mark.ntorque_env(NTORQUE_SHUTDOWN_GRACE="0.2")
+async def test_stop_after_the_grace_period_leaves_the_task_for_a_retry(
+    settings: Settings, store: Store, notifier: Notifier, hook_server: HookServer
+) -> None:
+    url = hook_server.script("/slow", Reply(delay_s=3), 200)
+    [task] = await store.add_tasks([new_task(url, timeout=2)])
+    hooks = AiohttpHookClient(settings)
+    worker = Worker(settings, store, notifier, hooks)
+    running = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: hook_server.count("/slow") == 1, timeout_s=10, message="call")
+        worker.stop()
+        async with asyncio.timeout(10):
+            await running
+    finally:
+        await hooks.close()
+    stored = await store.get_task(task.id)
+    assert stored is not None and (stored.status, stored.retry_count) == ("PENDING", 1)
+    assert stored.due > stored.modified, "still leased: retried once the lease runs out"
