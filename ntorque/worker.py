@@ -21,6 +21,8 @@ logger = logging.getLogger("ntorque.worker")
 # After a database or Redis error, wait this long before trying again.
 ERROR_PAUSE_S = 1.0
 RECORD_ATTEMPTS = 3
+# When nearly every slot is busy, wait at most this long for a quarter of them to free up.
+SLOT_WAIT_S = 0.005
 
 
 class Worker:
@@ -37,6 +39,7 @@ class Worker:
             self._flush_outcomes, max_batch=500, concurrency=2, name="record"
         )
         self._notify_error_logged = 0.0
+        self._min_batch = max(1, settings.worker_concurrency // 4)
 
     def stop(self) -> None:
         """Stop taking tasks; in-flight hook calls are given the grace period to finish."""
@@ -55,6 +58,8 @@ class Worker:
                 if free <= 0:
                     await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
                     continue
+                if free < self._min_batch:
+                    free = await self._wait_for_slots()
                 ids: list[int] = []
                 if not poll_now:
                     ids = await self._wait_for_ids(free)
@@ -72,6 +77,23 @@ class Worker:
                     poll_now = True
         finally:
             await self._shutdown()
+
+    async def _wait_for_slots(self) -> int:
+        """Nearly saturated: let a few more calls finish, briefly, so one acquire serves many.
+
+        Refilling one slot at a time costs a Redis round trip and a database statement per
+        task; at low load there are free slots and nothing waits here.
+        """
+        deadline = time.monotonic() + SLOT_WAIT_S
+        while self._inflight and not self._stopping.is_set():
+            free = self.settings.worker_concurrency - len(self._inflight)
+            remaining = deadline - time.monotonic()
+            if free >= self._min_batch or remaining <= 0:
+                break
+            await asyncio.wait(
+                self._inflight, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
+        return self.settings.worker_concurrency - len(self._inflight)
 
     async def _wait_for_ids(self, free: int) -> list[int]:
         try:
@@ -105,6 +127,8 @@ class Worker:
             misses = len(set(ids)) - len(acquired)
             if misses > 0:
                 metrics.ACQUIRE_MISSES.inc(misses)
+        if _tracing_off():
+            return acquired
         for task in acquired:
             # One acquire statement serves many tasks, each in its own trace: give each
             # trace a span covering the shared statement.
@@ -150,6 +174,9 @@ class Worker:
             )
 
     async def _call(self, task: Task) -> HookResult:
+        if task.trace_context is None and _tracing_off():
+            # No trace to continue and no span to record: skip the no-op span machinery.
+            return await self.hooks.call(task)
         with tracing.tracer.start_as_current_span(
             "hook",
             context=tracing.stored_context(task.trace_context),
@@ -209,6 +236,13 @@ class Worker:
                 logger.warning("%d hook calls cut short; they will be retried", len(pending))
                 await asyncio.gather(*pending, return_exceptions=True)
         await self._recorder.drain()
+
+
+def _tracing_off() -> bool:
+    """No tracer provider is installed (neither by OTEL_* settings nor by a test)."""
+    return isinstance(tracing.tracer, trace.ProxyTracer) and isinstance(
+        trace.get_tracer_provider(), trace.ProxyTracerProvider
+    )
 
 
 def _task_attributes(task: Task) -> dict[str, str | int]:
