@@ -346,15 +346,16 @@ class Bench:
             self.stop("worker")
             await self.wait_no_pending(60)
             await self.clear_channel()
-            result = await self.loadgen(a.backlog)
+            with self.profiling(f"{prefix}-enqueue"):
+                result = await self.loadgen(a.backlog)
             self.results.add(f"{prefix}_enqueue_rate", result["rate"])
             self.results.add(f"{prefix}_enqueue_p50_ms", result["p50_ms"])
             self.results.add(f"{prefix}_enqueue_p99_ms", result["p99_ms"])
             if not drain:
                 continue
             await self.hook_reset()
+            self.start("worker", [self.exe, "worker"])
             with self.profiling(f"{prefix}-drain"):
-                self.start("worker", [self.exe, "worker"])
                 stats = await self.wait_hook_unique(a.backlog, a.timeout)
             self.results.add(f"{prefix}_drain_rate", a.backlog / (stats["last"] - stats["first"]))
             await self.wait_no_pending(60)
