@@ -79,6 +79,38 @@ async def test_transient_codes_retry_then_fail(
         assert after.received_at >= before.finished_at + wait - 0.005
 
 
+@pytest.mark.parametrize(
+    ("strategy", "delays"),
+    [("linear", [0.1, 0.2, 0.3, 0.4]), ("exponential", [0.1, 0.2, 0.4, 0.5])],
+)
+@pytest.mark.ntorque_env(
+    NTORQUE_MAX_RETRIES="4", NTORQUE_MIN_DUE_DELAY="0.1", NTORQUE_MAX_DUE_DELAY="0.5"
+)
+async def test_worker_retries_wait_for_the_stored_due(
+    backend: object, hook_server: HookServer, strategy: str, delays: list[float]
+) -> None:
+    """Through the real worker: the next call never comes before the due date the failed
+    attempt stored, which is the formula's delay (capped) after it."""
+    from tests.conftest import Backend, notifier_for
+
+    assert isinstance(backend, Backend)
+    settings = backend.settings.replace(backoff=strategy)
+    store, notifier = Store.from_settings(settings), notifier_for(backend)
+    try:
+        url = hook_server.script("/h", 503, 503, 503, 503, 200)
+        [task] = await store.add_tasks([new_task(url)])
+        await run_until_settled(settings, store, notifier, [task.id])
+        done = await store.get_task(task.id)
+        assert done is not None and (done.status, done.retry_count) == ("COMPLETED", 5)
+        calls = hook_server.calls("/h")
+        for (before, after), delay in zip(itertools.pairwise(calls), delays, strict=True):
+            assert before.finished_at is not None
+            assert after.received_at >= before.finished_at + delay - 0.005
+    finally:
+        await notifier.close()
+        await store.close()
+
+
 async def test_transient_then_success_completes(
     settings: Settings, store: Store, notifier: Notifier, hook_server: HookServer
 ) -> None:
