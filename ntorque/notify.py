@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from redis import asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from .settings import Settings
 
@@ -65,6 +65,7 @@ class RedisNotifier:
         self._client = redis_client(settings, socket_timeout=5)
         # BLPOP holds its connection for the whole wait: keep it off the client's pool.
         self._blocking = redis_client(settings, socket_timeout=None)
+        self._blmpop = True
 
     async def notify(self, ids: Sequence[int]) -> None:
         if not ids:
@@ -77,17 +78,33 @@ class RedisNotifier:
     async def wait(self, max_items: int, timeout_s: float) -> list[int]:
         try:
             async with asyncio.timeout(timeout_s + 5):
-                first = await self._blocking.blpop([self.channel], timeout=timeout_s)
-                if first is None:
-                    return []
-                items = [first[1]]
-                if max_items > 1:
-                    more = await self._blocking.lpop(self.channel, max_items - 1)
-                    if isinstance(more, list):
-                        items.extend(more)
+                items = await self._pop(max(max_items, 1), timeout_s)
         except (RedisError, OSError, TimeoutError) as exc:
             raise NotifyError(str(exc)) from exc
         return _ids(items)
+
+    async def _pop(self, count: int, timeout_s: float) -> list[Any]:
+        if self._blmpop:
+            # One round trip for the whole batch (Redis 7): a wake-up is on the latency path.
+            try:
+                got = await self._blocking.blmpop(
+                    timeout_s, 1, self.channel, direction="LEFT", count=count
+                )
+            except ResponseError as exc:
+                if "unknown command" not in str(exc).lower():
+                    raise
+                self._blmpop = False  # Redis before 7.0: BLPOP, then LPOP the rest
+            else:
+                return [] if got is None else list(got[1])
+        first = await self._blocking.blpop([self.channel], timeout=timeout_s)
+        if first is None:
+            return []
+        items = [first[1]]
+        if count > 1:
+            more = await self._blocking.lpop(self.channel, count - 1)
+            if isinstance(more, list):
+                items.extend(more)
+        return items
 
     async def pending(self) -> int:
         try:
