@@ -69,6 +69,19 @@ async def run_json(argv: list[str]) -> Any:
     return json.loads(out)
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid`` and its live descendants."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    with contextlib.suppress(OSError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                total += cpu_s(int(child))
+    return total
+
+
 @dataclass
 class Results:
     values: dict[str, list[float]] = field(default_factory=dict)
@@ -346,19 +359,24 @@ class Bench:
             self.stop("worker")
             await self.wait_no_pending(60)
             await self.clear_channel()
+            web_cpu = cpu_s(self.procs["web"].pid)
             with self.profiling(f"{prefix}-enqueue"):
                 result = await self.loadgen(a.backlog)
+            web_cpu = cpu_s(self.procs["web"].pid) - web_cpu
             self.results.add(f"{prefix}_enqueue_rate", result["rate"])
+            self.results.add(f"{prefix}_web_cpu_us", web_cpu / a.backlog * 1e6)
             self.results.add(f"{prefix}_enqueue_p50_ms", result["p50_ms"])
             self.results.add(f"{prefix}_enqueue_p99_ms", result["p99_ms"])
             if not drain:
                 continue
             await self.hook_reset()
-            self.start("worker", [self.exe, "worker"])
+            worker = self.start("worker", [self.exe, "worker"])
             with self.profiling(f"{prefix}-drain"):
                 stats = await self.wait_hook_unique(a.backlog, a.timeout)
             self.results.add(f"{prefix}_drain_rate", a.backlog / (stats["last"] - stats["first"]))
             await self.wait_no_pending(60)
+            # Start-up included: a few hundred ms of imports against a few seconds of work.
+            self.results.add(f"{prefix}_worker_cpu_us", cpu_s(worker.pid) / a.backlog * 1e6)
         self.stop("worker")
         await self.clear_channel()
 
@@ -368,10 +386,14 @@ class Bench:
         for rep in range(a.reps):
             print(f"C: repetition {rep + 1}", flush=True)
             await self.hook_reset()
+            web, worker = self.procs["web"].pid, self.procs["worker"].pid
+            cpu = cpu_s(web), cpu_s(worker)
             with self.profiling("C"):
                 result = await self.loadgen(a.tasks)
                 first_id = min(i for i, _ in result["sent"])
                 last = await self.wait_no_pending(a.timeout, first_id)
+            self.results.add("C_web_cpu_us", (cpu_s(web) - cpu[0]) / a.tasks * 1e6)
+            self.results.add("C_worker_cpu_us", (cpu_s(worker) - cpu[1]) / a.tasks * 1e6)
             # From the load generator's first request to the last outcome's commit.
             self.results.add("C_end_to_end_rate", a.tasks / (last - result["started_wall"]))
 
@@ -480,8 +502,12 @@ ROWS = [
     Row("A enqueue, workers stopped", "A_enqueue_rate", "tasks/s", ">= 5000", lambda v: v >= 5000),
     Row("A enqueue latency p50", "A_enqueue_p50_ms", "ms"),
     Row("A enqueue latency p99", "A_enqueue_p99_ms", "ms"),
+    Row("A web CPU per task", "A_web_cpu_us", "us"),
     Row("B drain 20k backlog", "A_drain_rate", "tasks/s", ">= 4000", lambda v: v >= 4000),
+    Row("B worker CPU per task", "A_worker_cpu_us", "us"),
     Row("C end to end", "C_end_to_end_rate", "tasks/s", ">= 2500", lambda v: v >= 2500),
+    Row("C web CPU per task", "C_web_cpu_us", "us"),
+    Row("C worker CPU per task", "C_worker_cpu_us", "us"),
     Row("D enqueue->hook p50 @200/s", "D_hook_p50_ms", "ms", "<= 2", lambda v: v <= 2),
     Row("D enqueue->hook p99 @200/s", "D_hook_p99_ms", "ms", "<= 5", lambda v: v <= 5),
     Row("D enqueue latency p50 @200/s", "D_enqueue_p50_ms", "ms"),
