@@ -154,8 +154,7 @@ async def enqueue(request: Request) -> Response:
         )
 
     task: Task
-    fields = propagate.get_global_textmap().fields
-    if _tracing_off() and not any(name in request.headers for name in fields):
+    if _tracing_off() and not _carries_trace(request):
         # Nothing to record and no caller trace to store: skip the no-op span machinery.
         task = await api.db(api.inserter.submit(new_task(None)))
     else:
@@ -169,8 +168,38 @@ async def enqueue(request: Request) -> Response:
             span.set_attribute("ntorque.task.id", task.id)
     metrics.TASKS_ENQUEUED.labels(app="-" if app is None else app.name).inc()
     metrics.ENQUEUE_SECONDS.observe(time.perf_counter() - started)
-    location = f"{str(request.base_url).rstrip('/')}/tasks/{task.id}"
+    location = f"{_base_url(request)}/tasks/{task.id}"
     return JSONResponse(task.to_json(), status_code=201, headers={"Location": location})
+
+
+def _carries_trace(request: Request) -> bool:
+    """Whether the request has any header the global trace propagator reads."""
+    fields = propagate.get_global_textmap().fields
+    return any(name.decode("latin-1") in fields for name, _ in request.scope["headers"])
+
+
+# Base URLs by what they are built from: building one costs more than a cached lookup.
+_BASE_URLS: dict[tuple[Any, ...], str] = {}
+
+
+def _base_url(request: Request) -> str:
+    """``request.base_url`` without its trailing slash, cached on the scope parts it uses."""
+    scope = request.scope
+    host = next((value for name, value in scope["headers"] if name == b"host"), None)
+    key = (
+        scope.get("scheme"),
+        host,
+        scope.get("server"),
+        scope.get("root_path", ""),
+        scope.get("app_root_path"),
+    )
+    base = _BASE_URLS.get(key)
+    if base is None:
+        base = str(request.base_url).rstrip("/")
+        if len(_BASE_URLS) > 1000:
+            _BASE_URLS.clear()
+        _BASE_URLS[key] = base
+    return base
 
 
 def _tracing_off() -> bool:
@@ -191,7 +220,7 @@ async def push_task(request: Request) -> Response:
     task = await api.task_for(request, await api.authenticate(request))
     if task.status == "PENDING":
         await api.ring([task.id])
-    location = f"{str(request.base_url).rstrip('/')}/tasks/{task.id}"
+    location = f"{_base_url(request)}/tasks/{task.id}"
     return JSONResponse(task.to_json(), status_code=201, headers={"Location": location})
 
 
