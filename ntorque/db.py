@@ -81,8 +81,9 @@ def _configure_sqlite(engine: AsyncEngine, settings: Settings) -> None:
 
 
 def alembic_dir() -> Path:
-    """Where the migrations live: next to the package in a checkout, else the working dir."""
-    candidates = [Path(__file__).resolve().parent.parent / "alembic", Path.cwd() / "alembic"]
+    """Where the migrations live: the checkout's alembic/, else the copy inside the wheel."""
+    here = Path(__file__).resolve().parent
+    candidates = [here.parent / "alembic", here / "_migrations", Path.cwd() / "alembic"]
     for candidate in candidates:
         if (candidate / "env.py").is_file():
             return candidate
