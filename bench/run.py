@@ -63,7 +63,11 @@ async def run_json(argv: list[str]) -> Any:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, *argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    out, err = await proc.communicate()
+    try:
+        out, err = await proc.communicate()
+    except asyncio.CancelledError:
+        proc.kill()
+        raise
     if proc.returncode != 0:
         raise RuntimeError(err.decode()[-500:])
     return json.loads(out)
@@ -277,7 +281,12 @@ class Bench:
         if rate:
             argv += ["--rate", str(rate)]
         proc = await asyncio.create_subprocess_exec(*argv, cwd=ROOT)
-        if await proc.wait() != 0:
+        try:
+            code = await proc.wait()
+        except asyncio.CancelledError:
+            proc.kill()
+            raise
+        if code != 0:
             raise SystemExit("bench: the load generator failed")
         result = json.loads(out.read_text())
         if result["errors"]:
@@ -371,12 +380,15 @@ class Bench:
                 continue
             await self.hook_reset()
             worker = self.start("worker", [self.exe, "worker"])
+            # CPU from the first delivery on: start-up (imports, migration check) is not work.
+            first = await self.wait_hook_unique(1, 60)
+            cpu = cpu_s(worker.pid)
             with self.profiling(f"{prefix}-drain"):
                 stats = await self.wait_hook_unique(a.backlog, a.timeout)
             self.results.add(f"{prefix}_drain_rate", a.backlog / (stats["last"] - stats["first"]))
             await self.wait_no_pending(60)
-            # Start-up included: a few hundred ms of imports against a few seconds of work.
-            self.results.add(f"{prefix}_worker_cpu_us", cpu_s(worker.pid) / a.backlog * 1e6)
+            cpu = cpu_s(worker.pid) - cpu
+            self.results.add(f"{prefix}_worker_cpu_us", cpu / (a.backlog - first["unique"]) * 1e6)
         self.stop("worker")
         await self.clear_channel()
 
@@ -459,8 +471,15 @@ class Bench:
 
     async def run(self) -> None:
         chosen = self.args.scenarios
-        await self.setup()
+        # Ctrl-C or SIGTERM: cancel the scenarios so that teardown stops every process
+        # and drops the database.
+        loop = asyncio.get_running_loop()
+        current = asyncio.current_task()
+        assert current is not None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, current.cancel)
         try:
+            await self.setup()
             if "raw" in chosen:
                 await self.raw_limits()
             if "clients" in chosen:
@@ -476,8 +495,11 @@ class Bench:
                 await self.memory()
             if "E" in chosen:
                 await self.history()
+        except asyncio.CancelledError:
+            print("bench: interrupted; cleaning up", flush=True)
+            raise
         finally:
-            await self.teardown()
+            await asyncio.shield(self.teardown())
 
 
 # -- the table ------------------------------------------------------------------------
@@ -622,7 +644,10 @@ def main(argv: list[str] | None = None) -> None:
     bench = Bench(args)
     started = time.monotonic()
     print(f"bench: database {bench.name}, logs in {bench.logs}", flush=True)
-    asyncio.run(bench.run())
+    try:
+        asyncio.run(bench.run())
+    except asyncio.CancelledError:
+        raise SystemExit(130) from None
     print(f"\nbench: finished in {time.monotonic() - started:.0f}s "
           f"({os.cpu_count()} cores, {args.reps} repetitions)\n")  # fmt: skip
     print(table(bench.results, targets=not args.quick))
