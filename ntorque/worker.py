@@ -40,6 +40,7 @@ class Worker:
         )
         self._notify_error_logged = 0.0
         self._min_batch = max(1, settings.worker_concurrency // 4)
+        self._untraced = False
 
     def stop(self) -> None:
         """Stop taking tasks; in-flight hook calls are given the grace period to finish."""
@@ -127,7 +128,9 @@ class Worker:
             misses = len(set(ids)) - len(acquired)
             if misses > 0:
                 metrics.ACQUIRE_MISSES.inc(misses)
-        if _tracing_off():
+        # Checked once per batch: the provider lookup reads os.environ each time.
+        self._untraced = _tracing_off()
+        if self._untraced:
             return acquired
         for task in acquired:
             # One acquire statement serves many tasks, each in its own trace: give each
@@ -174,7 +177,7 @@ class Worker:
             )
 
     async def _call(self, task: Task) -> HookResult:
-        if task.trace_context is None and _tracing_off():
+        if task.trace_context is None and self._untraced:
             # No trace to continue and no span to record: skip the no-op span machinery.
             return await self.hooks.call(task)
         with tracing.tracer.start_as_current_span(
