@@ -411,6 +411,8 @@ class Bench:
 
     async def latency(self) -> None:
         a = self.args
+        if os.environ.get("BENCH_FRESH_D"):
+            self.stop("worker")
         if "worker" not in self.procs:
             await self.start_worker()
         n = int(a.rate * a.rate_seconds)
