@@ -450,6 +450,8 @@ class Bench:
             n,
         )
         await self.db.execute("VACUUM ANALYZE tasks")
+        # History is old in real life: do not measure the bulk load's own checkpoint.
+        await self.db.execute("CHECKPOINT")
         print(f"    inserted in {time.monotonic() - started:.1f}s", flush=True)
         await self.enqueue_then_drain("E", drain=True)
 
@@ -527,17 +529,17 @@ ROWS = [
     Row("A enqueue latency p50", "A_enqueue_p50_ms", "ms"),
     Row("A enqueue latency p99", "A_enqueue_p99_ms", "ms"),
     Row("A web CPU per task", "A_web_cpu_us", "us"),
-    Row("B drain 20k backlog", "A_drain_rate", "tasks/s", ">= 4000", lambda v: v >= 4000),
+    Row("B drain of the backlog", "A_drain_rate", "tasks/s", ">= 4000", lambda v: v >= 4000),
     Row("B worker CPU per task", "A_worker_cpu_us", "us"),
     Row("C end to end", "C_end_to_end_rate", "tasks/s", ">= 2500", lambda v: v >= 2500),
     Row("C web CPU per task", "C_web_cpu_us", "us"),
     Row("C worker CPU per task", "C_worker_cpu_us", "us"),
-    Row("D enqueue->hook p50 @200/s", "D_hook_p50_ms", "ms", "<= 2", lambda v: v <= 2),
-    Row("D enqueue->hook p99 @200/s", "D_hook_p99_ms", "ms", "<= 5", lambda v: v <= 5),
-    Row("D enqueue latency p50 @200/s", "D_enqueue_p50_ms", "ms"),
-    Row("E enqueue, 1M finished in table", "E_enqueue_rate", "tasks/s"),
+    Row("D enqueue->hook p50, steady rate", "D_hook_p50_ms", "ms", "<= 2", lambda v: v <= 2),
+    Row("D enqueue->hook p99, steady rate", "D_hook_p99_ms", "ms", "<= 5", lambda v: v <= 5),
+    Row("D enqueue latency p50, steady rate", "D_enqueue_p50_ms", "ms"),
+    Row("E enqueue, finished history in table", "E_enqueue_rate", "tasks/s"),
     Row("E enqueue latency p99", "E_enqueue_p99_ms", "ms"),
-    Row("E drain, 1M finished in table", "E_drain_rate", "tasks/s"),
+    Row("E drain, finished history in table", "E_drain_rate", "tasks/s"),
     Row("F worker RSS before", "F_rss_before_mb", "MB"),
     Row("F worker RSS after", "F_rss_after_mb", "MB"),
     Row("F worker RSS growth", "F_rss_growth_mb", "MB", "<= 20", lambda v: v <= 20),
@@ -651,7 +653,9 @@ def main(argv: list[str] | None = None) -> None:
     except asyncio.CancelledError:
         raise SystemExit(130) from None
     print(f"\nbench: finished in {time.monotonic() - started:.0f}s "
-          f"({os.cpu_count()} cores, {args.reps} repetitions)\n")  # fmt: skip
+          f"({os.cpu_count()} cores, {args.reps} repetitions; backlog {args.backlog:,}, "
+          f"C {args.tasks:,} tasks, D {args.rate:g}/s for {args.rate_seconds:g}s, "
+          f"E history {args.history:,}, F {args.mem_tasks:,} tasks)\n")  # fmt: skip
     print(table(bench.results, targets=not args.quick))
     if args.json:
         Path(args.json).write_text(json.dumps(bench.results.values, indent=1))
