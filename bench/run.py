@@ -376,8 +376,8 @@ class Bench:
             self.results.add(f"{prefix}_web_cpu_us", web_cpu / a.backlog * 1e6)
             self.results.add(f"{prefix}_enqueue_p50_ms", result["p50_ms"])
             self.results.add(f"{prefix}_enqueue_p99_ms", result["p99_ms"])
-            if not drain:
-                continue
+            # The next repetition starts from an empty queue: drain even when B is not asked
+            # for, and record the drain only when it is.
             await self.hook_reset()
             worker = self.start("worker", [self.exe, "worker"])
             # CPU from the first delivery on: start-up (imports, migration check) is not work.
@@ -385,10 +385,14 @@ class Bench:
             cpu = cpu_s(worker.pid)
             with self.profiling(f"{prefix}-drain"):
                 stats = await self.wait_hook_unique(a.backlog, a.timeout)
-            self.results.add(f"{prefix}_drain_rate", a.backlog / (stats["last"] - stats["first"]))
             await self.wait_no_pending(60)
             cpu = cpu_s(worker.pid) - cpu
-            self.results.add(f"{prefix}_worker_cpu_us", cpu / (a.backlog - first["unique"]) * 1e6)
+            if drain:
+                rate = a.backlog / (stats["last"] - stats["first"])
+                self.results.add(f"{prefix}_drain_rate", rate)
+                self.results.add(
+                    f"{prefix}_worker_cpu_us", cpu / (a.backlog - first["unique"]) * 1e6
+                )
         self.stop("worker")
         await self.clear_channel()
 
