@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import __version__, metrics, observe, tracing
 from .batching import Batcher
+from .constants import API_KEY_HEADERS
 from .models import NewTask, Task
 from .notify import Notifier, NotifyError, create_notifier
 from .settings import Settings
@@ -114,7 +115,7 @@ class Api:
 
 
 def _api_key(request: Request) -> str | None:
-    for name in ("ntorque_api_key", "ntorque-api-key"):
+    for name in API_KEY_HEADERS:
         value = request.headers.get(name)
         if value:
             return value.strip()
