@@ -41,7 +41,12 @@ class Task:
 
     @classmethod
     def from_row(cls, row: Any) -> Task:
-        m = row._mapping
+        """From an SQLAlchemy row."""
+        return cls.from_mapping(row._mapping)
+
+    @classmethod
+    def from_mapping(cls, m: Any) -> Task:
+        """From anything indexable by column name (a row mapping, an asyncpg record)."""
         return cls(
             id=m["id"],
             app_id=m["app_id"],

@@ -85,28 +85,6 @@ async def _no_reset(connection: Any) -> None:
     """Pool release without asyncpg's reset query: the hot statements leave no state."""
 
 
-def _task_from_record(r: Any) -> Task:
-    headers = r[7]
-    return Task(
-        id=r[0],
-        app_id=r[1],
-        url=r[2],
-        method=r[3],
-        timeout=r[4],
-        body=r[5],
-        content_type=r[6],
-        headers=[(str(k), str(v)) for k, v in json.loads(headers)] if headers != "[]" else [],
-        trace_context=r[8],
-        status=r[9],
-        retry_count=r[10],
-        due=r[11],
-        created=r[12],
-        modified=r[13],
-        last_status=r[14],
-        last_error=r[15],
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class App:
     id: int
@@ -450,7 +428,7 @@ class Store:
         )
         async with self._pg() as conn:
             rows = await conn.fetch(sql, *args)
-        return [_task_from_record(r) for r in rows]
+        return [Task.from_mapping(r) for r in rows]
 
     async def record(self, outcomes: Sequence[Outcome]) -> int:
         """Record outcomes; only the attempt that still holds its task's lease may write.

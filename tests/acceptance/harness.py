@@ -457,3 +457,16 @@ def unique_channel() -> str:
 
 def shell_quote(*args: str) -> str:
     return " ".join(shlex.quote(a) for a in args)
+
+
+def procfile_env(tmp_path: Path, pg_url: str, channel: str, **extra: str) -> dict[str, str]:
+    """What a Heroku dyno's environment holds: add-on URLs, our config vars, PATH."""
+    from tests import support
+
+    return base_env(
+        tmp_path,
+        DATABASE_URL=heroku_database_url(pg_url),
+        REDIS_URL=support.REDIS_URL,
+        NTORQUE_REDIS_CHANNEL=channel,
+        **extra,
+    )

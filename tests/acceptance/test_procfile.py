@@ -16,32 +16,19 @@ import asyncpg
 import httpx
 import pytest
 
-from tests import support
 from tests.acceptance.harness import (
     Api,
     HookServer,
     Processes,
-    base_env,
     get_text,
-    heroku_database_url,
     metric_total,
+    procfile_env,
     start_role,
     start_web,
     wait_output,
 )
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
-
-
-def procfile_env(tmp_path: Path, pg_url: str, channel: str, **extra: str) -> dict[str, str]:
-    """What a Heroku dyno's environment holds: add-on URLs, our config vars, PATH."""
-    return base_env(
-        tmp_path,
-        DATABASE_URL=heroku_database_url(pg_url),
-        REDIS_URL=support.REDIS_URL,
-        NTORQUE_REDIS_CHANNEL=channel,
-        **extra,
-    )
 
 
 async def empty_database(pg_url: str) -> None:

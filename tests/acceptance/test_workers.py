@@ -19,26 +19,15 @@ from tests.acceptance.harness import (
     HookServer,
     Proc,
     Processes,
-    base_env,
     get_text,
-    heroku_database_url,
     metric_total,
+    procfile_env,
     start_role,
     start_web,
     wait_for,
 )
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
-
-
-def procfile_env(tmp_path: Path, pg_url: str, channel: str, **extra: str) -> dict[str, str]:
-    return base_env(
-        tmp_path,
-        DATABASE_URL=heroku_database_url(pg_url),
-        REDIS_URL=support.REDIS_URL,
-        NTORQUE_REDIS_CHANNEL=channel,
-        **extra,
-    )
 
 
 async def create_app(processes: Processes, env: dict[str, str]) -> str:
