@@ -18,6 +18,8 @@ from tests.acceptance.harness import (
     Processes,
     base_env,
     free_port,
+    start_role,
+    start_web,
     wait_http,
     wait_output,
 )
@@ -94,3 +96,32 @@ async def wait_for_attempts(api: Api, task_ids: list[int]) -> None:
         await asyncio.sleep(0.1)
     assert all(t["status"] == "PENDING" for t in seen.values()), seen
     assert all(t["retry_count"] >= 1 and t["last_error"] for t in seen.values()), seen
+
+
+async def test_procfile_roles_without_database_or_redis_share_the_sqlite_file(
+    processes: Processes, hook: HookServer, tmp_path: Path
+) -> None:
+    """The Procfile's own lines, as separate processes, with nothing but an SQLite file.
+
+    With no Redis, web cannot ring the worker in another process: the worker finds the
+    task by polling the database.
+    """
+    env = base_env(tmp_path, NTORQUE_SQLITE_PATH=str(tmp_path / "shared.sqlite3"))
+    assert "DATABASE_URL" not in env and "REDIS_URL" not in env
+    release = await processes.run("release", processes.procfile["release"], env)
+    assert release.returncode == 0, release.output()
+    created = await processes.run("create-app", "ntorque create-app --name solo", env)
+    assert created.returncode == 0, created.output()
+    key = created.stdout().strip()
+
+    base = await start_web(processes, env)
+    await start_role(processes, "worker", env, "worker")
+    await start_role(processes, "clock", env, "clock")
+    api = Api(base, key)
+    try:
+        ids = await api.enqueue_many(hook.url + "/ok", 10, parallel=5)
+        done = await api.wait_status(ids, "COMPLETED")
+    finally:
+        await api.close()
+    assert all(hook.count(task_id) == 1 for task_id in ids)
+    assert all(done[task_id]["retry_count"] == 1 for task_id in ids)
