@@ -51,12 +51,14 @@ async def _services(settings: Settings, role: str, *, in_process: bool) -> Async
     """Open store, notifier and metrics for a long-running role; close them on the way out."""
     from . import observe, tracing
     from .notify import create_notifier
+    from .process import tune_gc
     from .web import open_store
 
     tracing.setup_tracing(role)
     store = await open_store(settings)
     notifier = create_notifier(settings, in_process=in_process)
     publisher = await observe.start_process_metrics(settings, role)
+    tune_gc()
     try:
         yield store, notifier
     finally:

@@ -363,7 +363,10 @@ async def open_store(settings: Settings) -> Store:
 def asgi_app() -> ASGIApp:
     """Factory for uvicorn (``ntorque web``): settings from the environment."""
     from . import tracing
+    from .process import tune_gc
 
     settings = Settings.from_env()
     tracing.setup_tracing("web")
-    return observe.WebMetrics(create_app(settings), settings)
+    app = observe.WebMetrics(create_app(settings), settings)
+    tune_gc()
+    return app
