@@ -217,11 +217,17 @@ async def start_process_metrics(settings: Settings, role: str) -> MetricsHandle:
 async def stop_process_metrics(handle: MetricsHandle | None) -> None:
     if handle is None:
         return
+    if handle.publisher is not None:
+        # Let a publication in flight finish rather than cancel it: a cancelled MULTI/EXEC
+        # already on the wire could land after the withdrawal and leave the entry behind.
+        handle.publisher.stop()
     for task in handle.tasks:
-        task.cancel()
+        if handle.publisher is None or task.get_name() != "metrics-publish":
+            task.cancel()
     for task in handle.tasks:
         with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+            async with asyncio.timeout(5):
+                await task
     if handle.publisher is not None:
         await handle.publisher.withdraw()
     if handle.server is not None:
@@ -265,6 +271,11 @@ class Publisher:
         self.key = f"{self.index}:{self.instance}"
         self._client = redis_client(settings, socket_timeout=5)
         self._failing = False
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        """Finish the publication in flight, if any, and publish no more."""
+        self._stopping.set()
 
     async def publish_once(self) -> None:
         body, _ = exposition()
@@ -281,7 +292,7 @@ class Publisher:
     async def run(self) -> None:
         from redis.exceptions import RedisError
 
-        while True:
+        while not self._stopping.is_set():
             try:
                 await self.publish_once()
                 self._failing = False
@@ -289,7 +300,9 @@ class Publisher:
                 if not self._failing:
                     logger.warning("metrics: could not publish to Redis: %s", exc)
                 self._failing = True
-            await asyncio.sleep(self.settings.metrics_publish_interval_s)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.metrics_publish_interval_s):
+                    await self._stopping.wait()
 
     async def withdraw(self) -> None:
         """Leave the cluster view at once on a clean stop (a crash waits for the TTL)."""
