@@ -121,3 +121,10 @@ def outgoing_headers() -> list[tuple[str, str]]:
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return list(carrier.items())
+
+
+def off() -> bool:
+    """No tracer provider is installed (neither by OTEL_* settings nor by a test)."""
+    return isinstance(tracer, trace.ProxyTracer) and isinstance(
+        trace.get_tracer_provider(), trace.ProxyTracerProvider
+    )

@@ -155,7 +155,7 @@ async def enqueue(request: Request) -> Response:
         )
 
     task: Task
-    if _tracing_off() and not _carries_trace(request):
+    if tracing.off() and not _carries_trace(request):
         # Nothing to record and no caller trace to store: skip the no-op span machinery.
         task = await api.db(api.inserter.submit(new_task(None)))
     else:
@@ -201,13 +201,6 @@ def _base_url(request: Request) -> str:
             _BASE_URLS.clear()
         _BASE_URLS[key] = base
     return base
-
-
-def _tracing_off() -> bool:
-    """No tracer provider is installed (neither by OTEL_* settings nor by a test)."""
-    return isinstance(tracing.tracer, trace.ProxyTracer) and isinstance(
-        trace.get_tracer_provider(), trace.ProxyTracerProvider
-    )
 
 
 async def show_task(request: Request) -> Response:

@@ -129,7 +129,7 @@ class Worker:
             if misses > 0:
                 metrics.ACQUIRE_MISSES.inc(misses)
         # Checked once per batch: the provider lookup reads os.environ each time.
-        self._untraced = _tracing_off()
+        self._untraced = tracing.off()
         if self._untraced:
             return acquired
         for task in acquired:
@@ -239,13 +239,6 @@ class Worker:
                 logger.warning("%d hook calls cut short; they will be retried", len(pending))
                 await asyncio.gather(*pending, return_exceptions=True)
         await self._recorder.drain()
-
-
-def _tracing_off() -> bool:
-    """No tracer provider is installed (neither by OTEL_* settings nor by a test)."""
-    return isinstance(tracing.tracer, trace.ProxyTracer) and isinstance(
-        trace.get_tracer_provider(), trace.ProxyTracerProvider
-    )
 
 
 def _task_attributes(task: Task) -> dict[str, str | int]:
