@@ -69,6 +69,10 @@ class Worker:
                 acquired = await self._acquire(ids, free)
                 for task in acquired:
                     self._start(task)
+                if acquired:
+                    # Let the new calls send their requests before this loop spends its
+                    # time on the next BLMPOP: the hook call is on the latency path.
+                    await asyncio.sleep(0)
                 # A full poll means more are probably due: poll again before waiting.
                 poll_now = not ids and len(acquired) >= free
                 if burst and not acquired and not ids:

@@ -6,10 +6,12 @@ import asyncio
 import time
 
 import pytest
+import sqlalchemy as sa
 
 from ntorque.models import Outcome
 from ntorque.settings import Settings
 from ntorque.store import MAX_TASK_ID, Store
+from tests.conftest import backend_param
 from tests.support import new_task
 
 pytestmark = pytest.mark.ntorque_env(
@@ -87,6 +89,45 @@ async def test_concurrent_acquires_take_each_attempt_once(store: Store) -> None:
     )
     taken = [t.id for r in rounds for t in r]
     assert sorted(taken) == sorted(ids), "every task acquired exactly once"
+
+
+async def test_racing_acquires_of_one_id_take_the_attempt_once(store: Store) -> None:
+    # One id per call: the single-row compare-and-set, not the batch statement.
+    tasks = await store.add_tasks([new_task(URL) for _ in range(10)])
+    now = time.time() + 0.001
+    rounds = await asyncio.gather(
+        *(store.acquire([t.id], now=now) for t in tasks for _ in range(5))
+    )
+    taken = [t for r in rounds for t in r]
+    assert sorted(t.id for t in taken) == [t.id for t in tasks], "each task acquired once"
+    assert {t.retry_count for t in taken} == {1}
+
+
+@pytest.mark.parametrize("backend", [backend_param("postgres-redis")], indirect=True)
+async def test_acquiring_one_id_waits_for_a_held_row_then_rechecks_it(store: Store) -> None:
+    a, b = await store.add_tasks([new_task(URL, timeout=30) for _ in range(2)])
+    now = time.time() + 0.001
+    for task, commit in ((a, True), (b, False)):
+        async with store.engine.connect() as conn:
+            # Another worker's acquire of the same attempt, not yet committed.
+            tx = await conn.begin()
+            await conn.execute(
+                sa.text("UPDATE tasks SET retry_count = 1, due = due + 1000 WHERE id = :id"),
+                {"id": task.id},
+            )
+            racer = asyncio.create_task(store.acquire([task.id], now=now))
+            await asyncio.sleep(0.3)
+            assert not racer.done(), "it waits for the row"
+            await (tx.commit() if commit else tx.rollback())
+        taken = await asyncio.wait_for(racer, 5)
+        if commit:
+            # Re-checked on the newest version: taken meanwhile, so not taken again.
+            assert taken == []
+        else:
+            # The other attempt never happened: this one takes it.
+            assert [(t.id, t.retry_count) for t in taken] == [(task.id, 1)]
+        stored = await store.get_task(task.id)
+        assert stored is not None and stored.retry_count == 1
 
 
 async def test_a_stale_attempt_cannot_overwrite_the_newer_one(store: Store) -> None:
