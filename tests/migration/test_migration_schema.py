@@ -125,9 +125,15 @@ def _catalog(sync_conn: Any) -> dict[str, Any]:
             "SELECT type, name, tbl_name, sql FROM sqlite_master"
             " WHERE tbl_name <> 'alembic_version' AND name NOT LIKE 'sqlite_%'"
         )
-        # The DDL text is the schema in SQLite; compare it modulo whitespace.
-        catalog["ddl"] = sorted((r[0], r[1], r[2], re.sub(r"\s+", " ", r[3] or "")) for r in rows)
+        # The DDL text is the schema in SQLite; compare it modulo whitespace and the quotes
+        # around a table's name (a table rebuilt by a batch migration has them).
+        catalog["ddl"] = sorted((r[0], r[1], r[2], _ddl(r[3])) for r in rows)
     return catalog
+
+
+def _ddl(sql: str | None) -> str:
+    text = re.sub(r"\s+", " ", sql or "")
+    return re.sub(r'^CREATE TABLE "(\w+)"', r"CREATE TABLE \1", text)
 
 
 async def inspect_database(url: str) -> tuple[list[Any], dict[str, Any]]:
