@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import ssl
 import time
 from collections.abc import Sequence
@@ -184,9 +185,12 @@ def _error(started: float, message: str, *, permanent: bool = False) -> HookResu
     )
 
 
+_SPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+
+
 def check_url(url: str) -> tuple[str | None, str]:
     """Whether the hook client can call ``url``: (problem or None, host)."""
-    if any(ch <= " " or ch == "\x7f" for ch in url):
+    if _SPACE_OR_CONTROL.search(url):
         return "must not contain spaces or control characters", ""
     try:
         parsed = yarl.URL(url)

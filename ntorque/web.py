@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -175,8 +176,14 @@ async def enqueue(request: Request) -> Response:
 
 def _carries_trace(request: Request) -> bool:
     """Whether the request has any header the global trace propagator reads."""
-    fields = propagate.get_global_textmap().fields
-    return any(name.decode("latin-1") in fields for name, _ in request.scope["headers"])
+    fields = _propagated_fields(propagate.get_global_textmap())
+    return any(name in fields for name, _ in request.scope["headers"])
+
+
+@functools.lru_cache(maxsize=8)
+def _propagated_fields(textmap: Any) -> frozenset[bytes]:
+    # A composite propagator builds its field set anew on every read: once per propagator.
+    return frozenset(name.lower().encode("latin-1") for name in textmap.fields)
 
 
 # Base URLs by what they are built from: building one costs more than a cached lookup.
