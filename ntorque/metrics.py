@@ -6,6 +6,9 @@ Counters are declared without ``_total``: prometheus-client appends it on exposi
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 from . import __version__
@@ -171,6 +174,12 @@ def exported_by(role: str, family: str) -> bool:
     if not family.startswith("ntorque_") or role not in ROLE_FAMILIES:
         return True
     return family in ROLE_FAMILIES[role]
+
+
+@functools.lru_cache(maxsize=1024)
+def enqueued_counter(app: str) -> Any:
+    """The enqueue counter of ``app``: looking a labelled child up costs a lock per request."""
+    return TASKS_ENQUEUED.labels(app=app)
 
 
 def announce(role: str) -> None:

@@ -132,7 +132,10 @@ def _api(request: Request) -> Api:
     return api
 
 
-async def banner(request: Request) -> Response:
+async def root(request: Request) -> Response:
+    # One route for both methods of "/": routing tries each route in turn, per request.
+    if request.method == "POST":
+        return await enqueue(request)
     return PlainTextResponse(f"ntorque {__version__}: a web-hook task queue.\n")
 
 
@@ -168,7 +171,7 @@ async def enqueue(request: Request) -> Response:
         ) as span:
             task = await api.db(api.inserter.submit(new_task(tracing.current_carrier())))
             span.set_attribute("ntorque.task.id", task.id)
-    metrics.TASKS_ENQUEUED.labels(app="-" if app is None else app.name).inc()
+    metrics.enqueued_counter("-" if app is None else app.name).inc()
     metrics.ENQUEUE_SECONDS.observe(time.perf_counter() - started)
     location = f"{_base_url(request)}/tasks/{task.id}"
     return JSONResponse(task.to_json(), status_code=201, headers={"Location": location})
@@ -325,8 +328,7 @@ def create_app(
     if settings.enable_hsts:
         middleware.append(Middleware(HSTSMiddleware, protocol_header=settings.hsts_protocol_header))
     routes = [
-        Route("/", banner, methods=["GET"]),
-        Route("/", enqueue, methods=["POST"]),
+        Route("/", root, methods=["GET", "POST"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/metrics/cluster", cluster_metrics_endpoint, methods=["GET"]),
     ]
