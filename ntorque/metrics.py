@@ -176,10 +176,10 @@ def exported_by(role: str, family: str) -> bool:
     return family in ROLE_FAMILIES[role]
 
 
-@functools.lru_cache(maxsize=1024)
-def enqueued_counter(app: str) -> Any:
-    """The enqueue counter of ``app``: looking a labelled child up costs a lock per request."""
-    return TASKS_ENQUEUED.labels(app=app)
+@functools.lru_cache(maxsize=4096)
+def labelled(metric: Any, *values: str) -> Any:
+    """``metric.labels(*values)``, looked up once: each lookup takes a lock, per task."""
+    return metric.labels(*values)
 
 
 def announce(role: str) -> None:

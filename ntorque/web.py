@@ -171,7 +171,7 @@ async def enqueue(request: Request) -> Response:
         ) as span:
             task = await api.db(api.inserter.submit(new_task(tracing.current_carrier())))
             span.set_attribute("ntorque.task.id", task.id)
-    metrics.enqueued_counter("-" if app is None else app.name).inc()
+    metrics.labelled(metrics.TASKS_ENQUEUED, "-" if app is None else app.name).inc()
     metrics.ENQUEUE_SECONDS.observe(time.perf_counter() - started)
     location = f"{_base_url(request)}/tasks/{task.id}"
     return JSONResponse(task.to_json(), status_code=201, headers={"Location": location})

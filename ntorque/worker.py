@@ -161,10 +161,10 @@ class Worker:
             metrics.HOOKS_IN_FLIGHT.dec()
         now = time.time()
         verdict, outcome = decide(task, result, self.settings, now)
-        metrics.HOOK_SECONDS.labels(
-            outcome=verdict, status_class=metrics.status_class(result.status_code)
+        metrics.labelled(
+            metrics.HOOK_SECONDS, verdict, metrics.status_class(result.status_code)
         ).observe(result.duration_s)
-        metrics.ATTEMPTS.labels(outcome=verdict).inc()
+        metrics.labelled(metrics.ATTEMPTS, verdict).inc()
         if verdict == "retry" and outcome.status != "FAILED":
             metrics.RETRIES.inc()
         logger.debug(
@@ -176,7 +176,7 @@ class Worker:
         )
         await self._record(outcome)
         if outcome.status != "PENDING":
-            metrics.TASK_SECONDS.labels(status=outcome.status.lower()).observe(
+            metrics.labelled(metrics.TASK_SECONDS, outcome.status.lower()).observe(
                 max(now - task.created, 0.0)
             )
 
