@@ -680,7 +680,7 @@ def table(results: Results, targets: bool) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: a few hundred tasks")
-    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="e.g. raw,clients,A,B,C,H,D,E,F")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="e.g. raw,A,B,C,H,D")
     p.add_argument("--reps", type=int, help="repetitions per measure (default 3; quick 1)")
     p.add_argument("--backlog", type=int, help="A/B/E backlog size (default 20000)")
     p.add_argument("--tasks", type=int, help="C tasks (default 20000)")
