@@ -56,6 +56,7 @@ class Api:
             self._insert_and_notify, max_batch=1000, concurrency=3, name="enqueue"
         )
         self._keys: dict[str, tuple[App | None, float]] = {}
+        self._lookups: dict[str, asyncio.Task[App | None]] = {}
 
     async def _insert_and_notify(self, new: list[NewTask]) -> list[Task]:
         added = await self.store.add_tasks(new)
@@ -95,14 +96,37 @@ class Api:
         if cached is not None and cached[1] > now:
             app = cached[0]
         else:
-            app = await self.db(self.store.app_for_key(key))
-            if app is not None:
-                if len(self._keys) > 10_000:
-                    self._keys.clear()
-                self._keys[key] = (app, now + self.settings.auth_cache_s)
+            app = await self.db(asyncio.shield(self._lookup(key)))
         if app is None:
             raise ApiError(401, "unknown or inactive API key", "unauthorized")
         return app
+
+    def _lookup(self, key: str) -> asyncio.Task[App | None]:
+        """The one database lookup of ``key`` in flight, shared by every request awaiting it.
+
+        When a busy key's cache entry runs out, the requests arriving during its lookup would
+        each run their own (tens of them at thousands of requests per second).
+        """
+        lookup = self._lookups.get(key)
+        if lookup is None:
+            lookup = asyncio.create_task(self._fetch_app(key), name="auth-lookup")
+            self._lookups[key] = lookup
+            lookup.add_done_callback(lambda done: self._lookup_done(key, done))
+        return lookup
+
+    async def _fetch_app(self, key: str) -> App | None:
+        app = await self.store.app_for_key(key)
+        if app is not None:
+            if len(self._keys) > 10_000:
+                self._keys.clear()
+            self._keys[key] = (app, time.monotonic() + self.settings.auth_cache_s)
+        return app
+
+    def _lookup_done(self, key: str, done: asyncio.Task[App | None]) -> None:
+        self._lookups.pop(key, None)
+        if not done.cancelled():
+            # Retrieved here too: its waiters may all have given up (503) before it ended.
+            done.exception()
 
     async def task_for(self, request: Request, app: App | None) -> Task:
         raw = request.path_params["task_id"]

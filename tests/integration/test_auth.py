@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import httpx
 import pytest
 
@@ -95,3 +98,31 @@ async def test_authentication_off_lets_everyone_in(
         assert (
             await c.get(f"/tasks/{task_id}", headers={"NTORQUE_API_KEY": "x"})
         ).status_code == 200
+
+
+async def test_concurrent_requests_share_one_lookup_of_a_key(
+    settings: Settings, store: Store, notifier: Notifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The cache keeps nothing (FAST_ENV: 0 s), as when a busy key's entry has just run out.
+    app, key = await store.create_app("busy")
+    [task] = await store.add_tasks([new_task(HOOK, app_id=app.id)])
+    lookups: list[str] = []
+    real = store.app_for_key
+
+    async def slow_lookup(k: str) -> Any:
+        lookups.append(k)
+        await asyncio.sleep(0.3)  # long enough for every request below to arrive meanwhile
+        return await real(k)
+
+    monkeypatch.setattr(store, "app_for_key", slow_lookup)
+    async with serve_app(settings, store, notifier) as base, httpx.AsyncClient(base_url=base) as c:
+        good, bad = {"NTORQUE_API_KEY": key}, {"NTORQUE_API_KEY": "0" * 40}
+        answers = await asyncio.gather(
+            *(c.get(f"/tasks/{task.id}", headers=good) for _ in range(20)),
+            *(c.get(f"/tasks/{task.id}", headers=bad) for _ in range(10)),
+        )
+        assert [r.status_code for r in answers] == [200] * 20 + [401] * 10
+        assert sorted(lookups) == sorted([key, "0" * 40]), "one lookup per key"
+        # Once it has finished, the next request looks the key up again (nothing cached).
+        assert (await c.get(f"/tasks/{task.id}", headers=good)).status_code == 200
+        assert lookups.count(key) == 2
