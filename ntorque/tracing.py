@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 from collections.abc import Mapping
 
 from opentelemetry import context as otel_context
@@ -104,6 +105,39 @@ def current_carrier() -> str | None:
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return json.dumps(carrier) if carrier else None
+
+
+def new_carrier() -> str:
+    """A stored context that starts a trace of the task's own, for when no tracer records.
+
+    Every hook call carries a ``traceparent`` (the hook can join its own spans to it), and
+    every attempt of a task carries the same trace, whether or not ntorque exports spans.
+    """
+    return json.dumps({"traceparent": _new_traceparent()})
+
+
+def _new_traceparent() -> str:
+    # Sampled, as the SDK's default sampler marks a new root: a hook that samples by its
+    # parent keeps tracing as it would with no traceparent at all.
+    trace_id = random.getrandbits(128) or 1
+    span_id = random.getrandbits(64) or 1
+    return f"00-{trace_id:032x}-{span_id:016x}-01"
+
+
+def stored_headers(stored: str | None) -> list[tuple[str, str]]:
+    """The stored context's headers as they are, for a hook call when no tracer records.
+
+    A task stored without one (written by a client itself, or before ntorque stored one for
+    every task) gets a new trace, so that every hook call carries a ``traceparent``.
+    """
+    if stored:
+        try:
+            carrier = json.loads(stored)
+        except ValueError:
+            carrier = None
+        if isinstance(carrier, dict) and carrier:
+            return [(k, v) for k, v in carrier.items() if isinstance(k, str) and isinstance(v, str)]
+    return [("traceparent", _new_traceparent())]
 
 
 def stored_context(stored: str | None) -> otel_context.Context | None:

@@ -185,8 +185,9 @@ async def enqueue(request: Request) -> Response:
 
     task: Task
     if tracing.off() and not _carries_trace(request):
-        # Nothing to record and no caller trace to store: skip the no-op span machinery.
-        task = await api.db(api.inserter.submit(new_task(None)))
+        # Nothing to record and no caller trace to continue: skip the no-op span machinery,
+        # but give the task a trace of its own, which every hook call will carry.
+        task = await api.db(api.inserter.submit(new_task(tracing.new_carrier())))
     else:
         with tracing.tracer.start_as_current_span(
             "enqueue",
@@ -194,7 +195,9 @@ async def enqueue(request: Request) -> Response:
             kind=trace.SpanKind.SERVER,
             attributes={"http.request.method": spec.method, "server.address": spec.host},
         ) as span:
-            task = await api.db(api.inserter.submit(new_task(tracing.current_carrier())))
+            # Nothing to carry when the caller's context is invalid and no tracer records.
+            carrier = tracing.current_carrier() or tracing.new_carrier()
+            task = await api.db(api.inserter.submit(new_task(carrier)))
             span.set_attribute("ntorque.task.id", task.id)
     metrics.labelled(metrics.TASKS_ENQUEUED, "-" if app is None else app.name).inc()
     metrics.ENQUEUE_SECONDS.observe(time.perf_counter() - started)

@@ -181,9 +181,9 @@ class Worker:
             )
 
     async def _call(self, task: Task) -> HookResult:
-        if task.trace_context is None and self._untraced:
-            # No trace to continue and no span to record: skip the no-op span machinery.
-            return await self.hooks.call(task)
+        if self._untraced:
+            # No span to record: skip the no-op span machinery and send the stored context.
+            return await self.hooks.call(task, tracing.stored_headers(task.trace_context))
         with tracing.tracer.start_as_current_span(
             "hook",
             context=tracing.stored_context(task.trace_context),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,3 +103,50 @@ def test_tracing_is_off_unless_the_environment_asks() -> None:
     assert tracing.setup_tracing("web", {}) is False
     assert tracing.setup_tracing("web", {**endpoint, "OTEL_TRACES_EXPORTER": "none"}) is False
     assert tracing.setup_tracing("web", {**endpoint, "OTEL_SDK_DISABLED": "true"}) is False
+
+
+TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-0[01]$")
+
+
+async def test_with_tracing_off_every_hook_call_carries_a_traceparent_of_the_tasks_trace(
+    hook_server: HookServer, sqlite_template: Path, tmp_path: Path
+) -> None:
+    # Given ntorque with no tracer installed (no OTEL_* variables), a hook answering 500
+    # then 200, and one answering 200,
+    assert tracing.off()
+    path = tmp_path / "ntorque.sqlite3"
+    shutil.copyfile(sqlite_template, path)
+    settings = support.make_settings(NTORQUE_SQLITE_PATH=str(path), NTORQUE_AUTHENTICATE="false")
+    store = Store.from_settings(settings)
+    notifier = LocalNotifier()
+    retried = hook_server.script("/off-retried", 500, 200)
+    other = hook_server.script("/off-other", 200)
+    invalid = hook_server.script("/off-invalid", 200)
+    try:
+        # when clients that send no traceparent (or an invalid one) enqueue tasks,
+        async with support.api_client(settings, store, notifier) as api:
+            ids = []
+            for url, headers in ((retried, {}), (other, {}), (invalid, {"traceparent": "00-x"})):
+                response = await api.post("/", params={"url": url}, content=b"{}", headers=headers)
+                assert response.status_code == 201
+                ids.append(int(response.json()["id"]))
+        # and a client writes one itself, with no trace context at all,
+        (written,) = await store.add_tasks([support.new_task(other)])
+        await support.run_until_settled(settings, store, notifier, [*ids, written.id])
+    finally:
+        await notifier.close()
+        await store.close()
+
+    # then every hook call carried a valid traceparent,
+    def trace_ids(path: str) -> list[str]:
+        seen = [r.headers.get("traceparent", "") for r in hook_server.calls(path)]
+        matches = [TRACEPARENT.match(value) for value in seen]
+        assert all(matches), seen
+        return [m.group(1) for m in matches if m]
+
+    first, second = trace_ids("/off-retried")
+    others = trace_ids("/off-other")
+    (from_invalid,) = trace_ids("/off-invalid")
+    # both attempts of the retried task in one trace, and each task in a trace of its own.
+    assert first == second
+    assert len({first, from_invalid, *others}) == 4
