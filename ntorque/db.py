@@ -35,14 +35,7 @@ def create_engine(settings: Settings) -> AsyncEngine:
         _configure_sqlite(engine, settings)
         return engine
 
-    connect_args: dict[str, Any] = {
-        # A dead server must answer 503 within seconds, never hang a request.
-        "timeout": settings.db_timeout_s,
-        "command_timeout": max(settings.db_timeout_s * 6, 30.0),
-        "server_settings": {"application_name": "ntorque"},
-    }
-    connect_args.update(settings.database_connect_args)
-    kwargs["connect_args"] = connect_args
+    kwargs["connect_args"] = asyncpg_connect_args(settings)
     kwargs["pool_pre_ping"] = False
     if settings.pool_class is not None:
         kwargs["poolclass"] = _POOLS[settings.pool_class]
@@ -56,6 +49,29 @@ def create_engine(settings: Settings) -> AsyncEngine:
         if settings.pool_recycle_s is not None:
             kwargs["pool_recycle"] = settings.pool_recycle_s
     return create_async_engine(settings.database_url, **kwargs)
+
+
+def asyncpg_connect_args(settings: Settings) -> dict[str, Any]:
+    """The keyword arguments of every asyncpg connection ntorque opens to PostgreSQL.
+
+    ntorque's defaults, overridden by what ``DATABASE_URL``'s query string asked for
+    (:func:`ntorque.settings.normalise_database_url`); server settings are merged, so
+    ``?options=…`` keeps the default application_name. SQLAlchemy's engine and the
+    store's own asyncpg pool both connect with these.
+    """
+    connect_args: dict[str, Any] = {
+        # A dead server must answer 503 within seconds, never hang a request.
+        "timeout": settings.db_timeout_s,
+        "command_timeout": max(settings.db_timeout_s * 6, 30.0),
+    }
+    server_settings = {"application_name": "ntorque"}
+    for key, value in settings.database_connect_args.items():
+        if key == "server_settings":
+            server_settings.update(value)
+        else:
+            connect_args[key] = value
+    connect_args["server_settings"] = server_settings
+    return connect_args
 
 
 def _configure_sqlite(engine: AsyncEngine, settings: Settings) -> None:

@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 logger = logging.getLogger("ntorque.settings")
 
@@ -96,34 +96,74 @@ def _pool_class(raw: str) -> str:
 
 
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+SESSION_ATTRS = ("any", "primary", "standby", "read-write", "read-only", "prefer-standby")
+# The libpq query parameters a DATABASE_URL may carry; anything else stops the process
+# (SQLAlchemy would hand it to asyncpg.connect as a keyword argument, which crashes).
+DATABASE_URL_PARAMETERS = (
+    "sslmode",
+    "application_name",
+    "connect_timeout",
+    "options",
+    "target_session_attrs",
+)
+
+
+def _database_url_parameter(key: str, value: str, connect_args: dict[str, Any]) -> None:
+    """Translate one libpq query parameter into asyncpg connect arguments."""
+    server_settings: dict[str, str] = connect_args.setdefault("server_settings", {})
+    if key in ("sslmode", "ssl"):  # ssl=: asyncpg's own spelling
+        if value not in SSL_MODES:
+            raise ValueError(f"unknown sslmode {value!r} (one of: {', '.join(SSL_MODES)})")
+        connect_args["ssl"] = value
+    elif key == "application_name":
+        server_settings["application_name"] = value
+    elif key == "connect_timeout":
+        # libpq waits for ever on 0 or a negative value; ntorque always bounds connecting.
+        if not (value.isascii() and value.isdigit()) or int(value) < 1:
+            raise ValueError(
+                f"connect_timeout={value!r} must be a whole number of seconds, at least 1"
+            )
+        connect_args["timeout"] = float(int(value))
+    elif key == "options":
+        # libpq sends options verbatim in the startup packet; so does asyncpg as a server
+        # setting, and the server parses it (-c name=value, --name=value) as for libpq.
+        if value.strip():
+            server_settings["options"] = value
+    elif key == "target_session_attrs":
+        if value not in SESSION_ATTRS:
+            raise ValueError(
+                f"unknown target_session_attrs {value!r} (one of: {', '.join(SESSION_ATTRS)})"
+            )
+        connect_args["target_session_attrs"] = value
+    else:
+        raise ValueError(
+            f"unsupported query parameter {key!r} "
+            f"(ntorque honours {', '.join(DATABASE_URL_PARAMETERS)})"
+        )
 
 
 def normalise_database_url(raw: str) -> tuple[str, dict[str, Any]]:
     """Turn a Heroku-style ``postgres://…?sslmode=…`` URL into one SQLAlchemy+asyncpg accept.
 
-    Returns the URL and the connect arguments (``ssl``) that the query string implied.
+    Returns the URL, without its query string, and the asyncpg connect arguments that the
+    query's libpq parameters imply (``ssl``, ``timeout``, ``target_session_attrs`` and
+    ``server_settings``). Any other parameter is a :class:`ValueError`.
     """
     parts = urlsplit(raw.strip())
     scheme = parts.scheme.lower()
-    connect_args: dict[str, Any] = {}
     if scheme in ("postgres", "postgresql", "postgresql+asyncpg"):
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        kept = []
-        for key, value in query:
-            if key in ("sslmode", "ssl"):
-                if value not in (
-                    "disable",
-                    "allow",
-                    "prefer",
-                    "require",
-                    "verify-ca",
-                    "verify-full",
-                ):
-                    raise ValueError(f"unknown sslmode {value!r}")
-                connect_args["ssl"] = value
-            else:
-                kept.append((key, value))
-        url = urlunsplit(("postgresql+asyncpg", parts.netloc, parts.path, urlencode(kept), ""))
+        connect_args: dict[str, Any] = {}
+        # Split as libpq does: percent-decoding only ("+" stays a plus sign).
+        for item in parts.query.split("&"):
+            if not item:
+                continue
+            key, equals, value = item.partition("=")
+            if not equals:
+                raise ValueError(f"query parameter {unquote(key)!r} has no value")
+            _database_url_parameter(unquote(key), unquote(value), connect_args)
+        if not connect_args.get("server_settings"):
+            connect_args.pop("server_settings", None)
+        url = urlunsplit(("postgresql+asyncpg", parts.netloc, parts.path, "", ""))
         return url, connect_args
     if scheme in ("sqlite", "sqlite+aiosqlite"):
         # Swap the scheme only: urlunsplit would turn sqlite:////abs into sqlite://abs.

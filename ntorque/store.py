@@ -227,12 +227,7 @@ class Store:
                     ):
                         cparams.pop(sqlalchemy_only, None)
                     # The same connect arguments as db.create_engine gives SQLAlchemy.
-                    cparams.update(
-                        timeout=self.settings.db_timeout_s,
-                        command_timeout=max(self.settings.db_timeout_s * 6, 30.0),
-                        server_settings={"application_name": "ntorque"},
-                    )
-                    cparams.update(self.settings.database_connect_args)
+                    cparams.update(db.asyncpg_connect_args(self.settings))
                     # asyncpg prepares each statement once per connection, and PostgreSQL may
                     # then keep a generic plan made while the table was empty: a sequential
                     # scan, which costs milliseconds per batch once the table has grown

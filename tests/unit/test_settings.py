@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from ntorque.settings import KNOWN_VARIABLES, Settings, SettingsError
+from ntorque import db
+from ntorque.settings import DATABASE_URL_PARAMETERS, KNOWN_VARIABLES, Settings, SettingsError
 
 
 def test_defaults_match_the_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,6 +155,9 @@ BAD: list[tuple[str, str]] = [
     ("REDIS_URL", "http://localhost:6379"),
     ("DATABASE_URL", "mysql://h/db"),
     ("DATABASE_URL", "postgres://h/db?sslmode=bogus"),
+    ("DATABASE_URL", "postgres://h/db?connect_timeout=0"),
+    ("DATABASE_URL", "postgres://h/db?target_session_attrs=master"),
+    ("DATABASE_URL", "postgres://h/db?keepalives=1"),
 ]
 
 
@@ -187,8 +191,8 @@ def test_blank_values_mean_the_default() -> None:
         ),
         (
             "postgresql://u@h/d?sslmode=disable&application_name=x",
-            "postgresql+asyncpg://u@h/d?application_name=x",
-            {"ssl": "disable"},
+            "postgresql+asyncpg://u@h/d",
+            {"ssl": "disable", "server_settings": {"application_name": "x"}},
         ),
         ("postgres://h/d", "postgresql+asyncpg://h/d", {}),
         ("postgresql+asyncpg://h/d", "postgresql+asyncpg://h/d", {}),
@@ -225,3 +229,107 @@ def test_settings_are_frozen() -> None:
     settings = Settings.from_env({})
     with pytest.raises(AttributeError):
         settings.max_retries = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("query", "connect_args"),
+    [
+        ("application_name=foo", {"server_settings": {"application_name": "foo"}}),
+        # Percent-decoded as libpq does, a plus sign staying a plus sign.
+        ("application_name=my%20app+1", {"server_settings": {"application_name": "my app+1"}}),
+        ("connect_timeout=10", {"timeout": 10.0}),
+        (
+            "options=-c%20search_path%3Dq%20-c%20statement_timeout%3D5000",
+            {"server_settings": {"options": "-c search_path=q -c statement_timeout=5000"}},
+        ),
+        ("options=", {}),
+        ("target_session_attrs=read-write", {"target_session_attrs": "read-write"}),
+        ("ssl=require", {"ssl": "require"}),
+        (
+            "sslmode=require&application_name=a&connect_timeout=3&options=-csearch_path%3Dq"
+            "&target_session_attrs=primary",
+            {
+                "ssl": "require",
+                "timeout": 3.0,
+                "target_session_attrs": "primary",
+                "server_settings": {"application_name": "a", "options": "-csearch_path=q"},
+            },
+        ),
+        ("&sslmode=disable&", {"ssl": "disable"}),
+    ],
+)
+def test_database_url_libpq_parameters(query: str, connect_args: dict[str, object]) -> None:
+    settings = Settings.from_env({"DATABASE_URL": f"postgres://u:p@h:5433/d?{query}"})
+    # The query never reaches SQLAlchemy, which would pass it to asyncpg.connect.
+    assert settings.database_url == "postgresql+asyncpg://u:p@h:5433/d"
+    assert settings.database_connect_args == connect_args
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("keepalives=1", r"unsupported query parameter 'keepalives'"),
+        ("prepared_statement_cache_size=0", r"unsupported query parameter 'prepared_statement"),
+        ("sslrootcert=%2Fca.pem", r"unsupported query parameter 'sslrootcert'"),
+        ("application_name", r"'application_name' has no value"),
+        ("connect_timeout=2.5", r"connect_timeout='2.5' must be a whole number"),
+        ("connect_timeout=-1", r"connect_timeout='-1' must be a whole number"),
+        ("connect_timeout=", r"connect_timeout='' must be a whole number"),
+        ("target_session_attrs=master", r"unknown target_session_attrs 'master'"),
+        ("sslmode=on", r"unknown sslmode 'on'"),
+    ],
+)
+def test_database_url_bad_parameters_name_the_variable(query: str, message: str) -> None:
+    with pytest.raises(SettingsError, match=r"^DATABASE_URL: .*" + message) as info:
+        Settings.from_env({"DATABASE_URL": f"postgres://u:hunter2@h/d?{query}"})
+    assert "hunter2" not in str(info.value)
+
+
+def test_unsupported_parameter_error_lists_the_honoured_ones() -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"DATABASE_URL": "postgres://h/d?sslmode=disable&foo=bar"})
+    for name in DATABASE_URL_PARAMETERS:
+        assert name in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        (
+            "",
+            {
+                "timeout": 5,
+                "command_timeout": 30.0,
+                "server_settings": {"application_name": "ntorque"},
+            },
+        ),
+        (
+            "sslmode=require&connect_timeout=9&options=-c%20search_path%3Dq"
+            "&target_session_attrs=read-write",
+            {
+                "timeout": 9.0,
+                "command_timeout": 30.0,
+                "ssl": "require",
+                "target_session_attrs": "read-write",
+                "server_settings": {"application_name": "ntorque", "options": "-c search_path=q"},
+            },
+        ),
+        (
+            "application_name=mine",
+            {
+                "timeout": 5,
+                "command_timeout": 30.0,
+                "server_settings": {"application_name": "mine"},
+            },
+        ),
+    ],
+)
+def test_asyncpg_connect_args_merge_the_url_over_the_defaults(
+    query: str, expected: dict[str, object]
+) -> None:
+    settings = Settings.from_env({"DATABASE_URL": f"postgres://h/d?{query}"})
+    assert db.asyncpg_connect_args(settings) == expected
+    # A fresh dict every time: the store's pool adds its own server settings to it.
+    db.asyncpg_connect_args(settings)["server_settings"]["x"] = "y"
+    assert "x" not in db.asyncpg_connect_args(settings)["server_settings"]
+    assert "x" not in str(settings.database_connect_args)
