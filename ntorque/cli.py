@@ -185,6 +185,8 @@ class _EmbeddedServer:
 def _uvicorn_config(app: Any, settings: Settings, host: str) -> Any:
     import uvicorn
 
+    from .protocol import HTTP_PROTOCOL
+
     return uvicorn.Config(
         app,
         host=host,
@@ -194,6 +196,7 @@ def _uvicorn_config(app: Any, settings: Settings, host: str) -> Any:
         proxy_headers=True,
         forwarded_allow_ips="*",
         lifespan="on",
+        http=HTTP_PROTOCOL,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
     )
 
@@ -217,6 +220,7 @@ def _web(settings: Settings, host: str) -> None:
     import uvicorn
 
     from . import observe
+    from .protocol import HTTP_PROTOCOL
 
     observe.prepare_web_workers(settings)
     uvicorn.run(
@@ -230,6 +234,7 @@ def _web(settings: Settings, host: str) -> None:
         access_log=settings.development,
         proxy_headers=True,
         forwarded_allow_ips="*",
+        http=HTTP_PROTOCOL,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
     )
 

@@ -315,15 +315,29 @@ class Publisher:
         await self._client.aclose()
 
 
+class MetricsUnavailable(Exception):
+    """The published metrics cannot be read: Redis is unreachable or did not answer."""
+
+
+# How long a scrape of /metrics/cluster may wait for Redis in all.
+CLUSTER_READ_TIMEOUT_S = 5.0
+
+
 async def cluster_exposition(settings: Settings) -> tuple[bytes, str]:
     """Every live process's published metrics, each sample labelled with its ``dyno``.
 
     Without Redis there is nothing to collect from; this process (``ntorque run`` holds
     every role) answers for itself, labelled the same way.
     """
+    from redis.exceptions import RedisError
+
     entries: list[dict[str, Any]] = []
     if settings.redis_url:
-        entries = await _read_entries(settings)
+        try:
+            async with asyncio.timeout(CLUSTER_READ_TIMEOUT_S):
+                entries = await _read_entries(settings)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise MetricsUnavailable(str(exc) or type(exc).__name__) from exc
     else:
         body, _ = exposition()
         entries = [{"instance": instance_name(), "text": body.decode()}]

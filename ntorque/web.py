@@ -263,7 +263,12 @@ async def metrics_endpoint(request: Request) -> Response:
 
 async def cluster_metrics_endpoint(request: Request) -> Response:
     """Every process's metrics, published through Redis (the Heroku route: see observe)."""
-    body, content_type = await observe.cluster_exposition(_api(request).settings)
+    try:
+        body, content_type = await observe.cluster_exposition(_api(request).settings)
+    except observe.MetricsUnavailable as exc:
+        logger.warning("metrics channel unavailable: %s", exc)
+        # Prometheus marks the target down: the right signal, and no 500.
+        raise ApiError(503, "the metrics channel (Redis) is unavailable", "unavailable") from exc
     return Response(body, media_type=content_type)
 
 

@@ -268,6 +268,7 @@ async def serve_app(
     """Run ``ntorque.web.create_app`` under uvicorn on a free port in this loop; yield its URL."""
     import uvicorn
 
+    from ntorque.protocol import HTTP_PROTOCOL
     from ntorque.web import create_app
 
     app = create_app(settings, store=store, notifier=notifier)
@@ -281,6 +282,7 @@ async def serve_app(
         access_log=False,
         ws="none",
         loop="asyncio",
+        http=HTTP_PROTOCOL,
     )
     server = uvicorn.Server(config)
     # uvicorn would otherwise take over SIGINT/SIGTERM for the whole test process.

@@ -71,6 +71,11 @@ async def test_redis_unreachable_at_enqueue_the_task_is_stored_and_the_clock_rin
         ids = await api.enqueue_many(hook.url + "/ok", 5)  # each answered 201
 
         await api.wait_status(ids, "COMPLETED", timeout_s=20)
+        # The published metrics live in Redis too: the cluster route says it cannot read them.
+        async with httpx.AsyncClient(base_url=api.base, timeout=10) as client:
+            cluster = await client.get("/metrics/cluster")
+        assert cluster.status_code == 503, cluster.text
+        assert cluster.json()["code"] == "unavailable"
     finally:
         await api.close()
     assert all(hook.count(task_id) == 1 for task_id in ids)

@@ -27,6 +27,7 @@ from tests.acceptance.harness import (
     start_web,
     wait_output,
 )
+from tests.support import raw_http
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 
@@ -70,6 +71,10 @@ async def test_procfile_release_web_worker_clock_end_to_end(
             refused = await anonymous.post("/", params={"url": hook.url + "/ok"})
             assert refused.status_code == 401
             assert refused.json()["code"] == "unauthorized"
+        # A request the HTTP parser refuses (a malformed header name) gets a JSON error too.
+        malformed = await raw_http(base, "POST", "/", [("NTORQUE-PASSTHROUGH-a(b)", "v")], b"")
+        assert malformed.status == 400, malformed.body
+        assert malformed.json()["code"] == "bad_request"
 
         ok = await api.enqueue(hook.url + "/ok", b'{"hello": "world"}')
         done = await api.wait_status([ok], "COMPLETED")
