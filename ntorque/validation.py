@@ -18,6 +18,11 @@ UNPRINTABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 PASSTHROUGH_PREFIX_BYTES = PASSTHROUGH_PREFIX.encode("latin-1")
 MAX_HEADER_VALUE = 8192
 MAX_CONTENT_TYPE = 1024
+# A host name as the hook client needs it: its resolver hands the name to socket.getaddrinfo,
+# which encodes it with the 'idna' codec, and that refuses an empty label (a trailing dot
+# aside) or one over 63 characters. DNS adds the 253-character limit (without the dot).
+# The codec's ASCII path checks nothing else, so neither does this.
+HOST_NAME = re.compile(r"(?=.{1,253}\.?\Z)(?:[^.]{1,63}\.)*[^.]{1,63}\.?\Z")
 
 
 class BadRequest(Exception):
@@ -59,6 +64,8 @@ def task_from_request(request: Request, settings: Settings) -> TaskSpec:
     if len(url) > settings.max_url_length:
         raise BadRequest(f"url is longer than {settings.max_url_length} characters", "bad_url")
     problem, host = check_url(url)
+    if problem is None:
+        problem = check_host(host)
     if problem is not None:
         raise BadRequest(f"url {problem}", "bad_url")
 
@@ -81,10 +88,17 @@ def task_from_request(request: Request, settings: Settings) -> TaskSpec:
             )
 
     content_type = request.headers.get("content-type")
-    if content_type is not None and (
-        len(content_type) > MAX_CONTENT_TYPE or not _printable(content_type)
-    ):
-        raise BadRequest("the Content-Type header is malformed", "bad_content_type")
+    if content_type is not None:
+        if len(content_type) > MAX_CONTENT_TYPE or not _printable(content_type):
+            raise BadRequest("the Content-Type header is malformed", "bad_content_type")
+        if not content_type.isascii():
+            # Starlette decoded the bytes as Latin-1; encoding back gives them unchanged.
+            utf8 = _utf8(content_type.encode("latin-1"))
+            if utf8 is None:
+                raise BadRequest(
+                    "the Content-Type header is neither ASCII nor UTF-8", "bad_content_type"
+                )
+            content_type = utf8
 
     return TaskSpec(
         url=url,
@@ -111,8 +125,15 @@ def passthrough_headers(request: Request, settings: Settings) -> list[tuple[str,
                 f"passthrough header {target!r} is not allowed (it would break the request)",
                 "bad_header",
             )
-        value = raw_value.decode("latin-1")
-        if len(value) > MAX_HEADER_VALUE or not _printable(value):
+        # The hook client sends values as UTF-8: ASCII (the usual case) and UTF-8 values
+        # reach the hook byte for byte, anything else would not.
+        value = raw_value.decode("ascii") if raw_value.isascii() else _utf8(raw_value)
+        if value is None:
+            raise BadRequest(
+                f"passthrough header {target!r} has a value that is neither ASCII nor UTF-8",
+                "bad_header",
+            )
+        if len(raw_value) > MAX_HEADER_VALUE or not _printable(value):
             raise BadRequest(
                 f"passthrough header {target!r} has a malformed or over-long value",
                 "bad_header",
@@ -128,6 +149,39 @@ def passthrough_headers(request: Request, settings: Settings) -> list[tuple[str,
 
 def _printable(value: str) -> bool:
     return UNPRINTABLE.search(value) is None
+
+
+def _utf8(raw: bytes) -> str | None:
+    """Non-ASCII header bytes as the str the hook client will send back as the same bytes.
+
+    aiohttp encodes header values as UTF-8, so only a value that is UTF-8 survives the trip
+    byte for byte; anything else (Latin-1, say) would arrive re-encoded: None.
+    """
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def check_host(host: str) -> str | None:
+    """What is wrong with the url's host for the hook client (see HOST_NAME), or None."""
+    if host.isascii():
+        if HOST_NAME.match(host) or ":" in host:  # a name or IPv4; an IPv6 literal
+            return None
+        name = host
+    else:
+        # An internationalised name: the hook client sends it IDNA-encoded.
+        try:
+            name = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            return "has a host the IDNA codec cannot encode"
+        if HOST_NAME.match(name):
+            return None
+    if len(name.removesuffix(".")) > 253:
+        return "has a host longer than 253 characters"
+    if any(len(label) > 63 for label in name.split(".")):
+        return "has a host label longer than 63 characters"
+    return "has a host with an empty label"
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -12,12 +12,20 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
+import httpx
 import pytest
 
 from ntorque.notify import Notifier
 from ntorque.settings import Settings
 from ntorque.store import Store
-from tests.support import count_tasks, parse_response, raw_http, serve_app
+from tests.support import (
+    HookServer,
+    count_tasks,
+    parse_response,
+    raw_http,
+    run_until_settled,
+    serve_app,
+)
 
 pytestmark = pytest.mark.ntorque_env(NTORQUE_MAX_BODY_BYTES="1000")
 
@@ -99,6 +107,9 @@ CASES = [
         server_may_refuse=True,
     ),
     Case("passthrough over-long value", q(HOOK), headers=passthrough("X-A", "v" * 9000)),
+    # raw_http sends str headers as Latin-1: "\xe9" is the single byte 0xE9, not UTF-8.
+    Case("passthrough Latin-1 value", q(HOOK), headers=passthrough("X-A", "caf\xe9")),
+    Case("passthrough invalid UTF-8", q(HOOK), headers=passthrough("X-A", "\xc3\x28")),
     Case(
         "too many passthrough headers",
         q(HOOK),
@@ -112,6 +123,10 @@ CASES = [
         headers=[("Content-Type", "text/plain\x01")],
         server_may_refuse=True,
     ),
+    Case("content type in Latin-1", q(HOOK), headers=[("Content-Type", "text/caf\xe9")]),
+    Case("url with an empty host label", q("http://a..b/")),
+    Case("url with only dots for a host", q("http://.../")),
+    Case("url with a host label over 63", q("http://" + "a" * 64 + ".example/")),
     Case("body over the limit", q(HOOK), body=b"x" * 2000, status=413),
     # Task ids and routes.
     Case("task id letters", "/tasks/abc", method="GET", status=404),
@@ -236,4 +251,98 @@ async def test_declared_length_over_the_limit_is_refused_before_reading(
         writer.close()
         assert time.monotonic() - started < 20
     assert data.startswith(b"HTTP/1.1 413")
+    assert await count_tasks(store) == 0
+
+
+LONG_NAME = ".".join(["a" * 63] * 3 + ["b" * 61])  # 253 characters, the most DNS allows
+
+MALFORMED_HOSTS = [
+    "http://a..b/",
+    "http://.../",
+    "http://./hook",
+    "http://.example.com/",
+    "http://example.com../",
+    "http://" + "a" * 64 + ".example/",
+    f"http://x{LONG_NAME}/",
+    "http://" + "\u00fc" * 60 + ".example/",  # its punycode label is over 63
+]
+
+
+async def test_malformed_hosts_are_refused_as_bad_url(
+    settings: Settings, store: Store, notifier: Notifier
+) -> None:
+    """The hook client could never resolve these (its IDNA encoding fails): 400, no task."""
+    _, key = await store.create_app("hosts")
+    answers = {}
+    async with serve_app(settings, store, notifier) as base:
+        for url in MALFORMED_HOSTS:
+            response = await raw_http(base, "POST", q(url), [("NTORQUE_API_KEY", key)], b"x")
+            answers[url] = (response.status, response.json().get("code"))
+    assert answers == {url: (400, "bad_url") for url in MALFORMED_HOSTS}
+    assert await count_tasks(store) == 0
+
+
+async def test_host_names_and_addresses_the_hook_client_can_call_are_accepted(
+    api: httpx.AsyncClient,
+) -> None:
+    urls = [
+        "http://127.0.0.1:9/hook",
+        "http://[::1]:8080/",
+        "http://localhost/",
+        "http://example.com./",
+        "http://b\u00fccher.example/",
+        "http://xn--bcher-kva.example/",
+        f"http://{LONG_NAME}./",
+    ]
+    for url in urls:
+        response = await api.post("/", params={"url": url}, content=b"x")
+        assert response.status_code == 201, (url, response.text)
+
+
+async def test_utf8_header_bytes_reach_the_hook_byte_for_byte(
+    api: httpx.AsyncClient,
+    settings: Settings,
+    store: Store,
+    notifier: Notifier,
+    hook_server: HookServer,
+) -> None:
+    """A passthrough value and a Content-Type in UTF-8 are replayed as the very same bytes.
+
+    (Starlette reads header bytes as Latin-1 and aiohttp writes header values as UTF-8: kept
+    as the Latin-1 str, ``caf\xc3\xa9`` would reach the hook as ``caf\xc3\x83\xc2\xa9``.)
+    """
+    value = "caf\u00e9 \u4e16\u754c \U0001f600".encode()
+    content_type = 'text/plain; charset=utf-8; name="gr\u00fc\u00dfe.txt"'.encode()
+    response = await api.post(
+        "/",
+        params={"url": hook_server.url("/hook")},
+        content=b"body",
+        # httpx sends bytes header values as they are.
+        headers={b"Content-Type": content_type, b"NTORQUE-PASSTHROUGH-X-B": value},
+    )
+    assert response.status_code == 201, response.text
+    await run_until_settled(settings, store, notifier, [response.json()["id"]])
+
+    [call] = hook_server.calls("/hook")
+    # The hook server (aiohttp) decodes header bytes as UTF-8 with surrogateescape, which
+    # encodes back to exactly the bytes on the wire.
+    assert call.headers["X-B"].encode("utf-8", "surrogateescape") == value
+    assert call.headers["Content-Type"].encode("utf-8", "surrogateescape") == content_type
+    assert call.body == b"body"
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        ({b"NTORQUE-PASSTHROUGH-X-B": b"caf\xe9"}, "bad_header"),
+        ({b"Content-Type": b"text/plain; name=caf\xe9"}, "bad_content_type"),
+    ],
+)
+async def test_header_bytes_neither_ascii_nor_utf8_are_refused(
+    api: httpx.AsyncClient, store: Store, headers: dict[bytes, bytes], code: str
+) -> None:
+    """Latin-1 bytes could not be replayed as they are (the hook client sends UTF-8): 400."""
+    response = await api.post("/", params={"url": HOOK}, content=b"x", headers=headers)
+    assert response.status_code == 400, response.text
+    assert response.json()["code"] == code
     assert await count_tasks(store) == 0
