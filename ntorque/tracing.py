@@ -113,7 +113,8 @@ def new_carrier() -> str:
     Every hook call carries a ``traceparent`` (the hook can join its own spans to it), and
     every attempt of a task carries the same trace, whether or not ntorque exports spans.
     """
-    return json.dumps({"traceparent": _new_traceparent()})
+    # The JSON that current_carrier() would write, without json.dumps: hex digits only.
+    return f'{{"traceparent": "{_new_traceparent()}"}}'
 
 
 def _new_traceparent() -> str:
