@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +14,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from ntorque import tracing
 from ntorque.notify import LocalNotifier
+from ntorque.settings import Settings
 from ntorque.store import Store
 from tests import support
 from tests.support import HookServer
@@ -36,34 +37,44 @@ def spans() -> Iterator[InMemorySpanExporter]:
         provider.shutdown()
 
 
-async def test_one_trace_covers_enqueue_acquires_and_hook_calls(
-    spans: InMemorySpanExporter, hook_server: HookServer, sqlite_template: Path, tmp_path: Path
-) -> None:
-    # Given ntorque (SQLite, in-process) and a hook answering 500, then 200,
+Embedded = tuple[Settings, Store, LocalNotifier]
+
+
+@pytest.fixture
+async def embedded(sqlite_template: Path, tmp_path: Path) -> AsyncIterator[Embedded]:
+    """ntorque's settings, store and notifier on a fresh SQLite file, without authentication."""
     path = tmp_path / "ntorque.sqlite3"
     shutil.copyfile(sqlite_template, path)
     settings = support.make_settings(NTORQUE_SQLITE_PATH=str(path), NTORQUE_AUTHENTICATE="false")
     store = Store.from_settings(settings)
     notifier = LocalNotifier()
-    url = hook_server.script("/traced", 500, 200)
     try:
-        # when a client inside a trace enqueues one task,
-        async with support.api_client(settings, store, notifier) as api:
-            response = await api.post(
-                "/",
-                params={"url": url},
-                content=b"{}",
-                headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"},
-            )
-            assert response.status_code == 201
-            task_id = int(response.json()["id"])
-        # and the worker takes it twice,
-        await support.run_until_settled(settings, store, notifier, [task_id])
-        task = await store.get_task(task_id)
-        assert task is not None and task.status == "COMPLETED" and task.retry_count == 2
+        yield settings, store, notifier
     finally:
         await notifier.close()
         await store.close()
+
+
+async def test_one_trace_covers_enqueue_acquires_and_hook_calls(
+    spans: InMemorySpanExporter, hook_server: HookServer, embedded: Embedded
+) -> None:
+    # Given ntorque (SQLite, in-process) and a hook answering 500, then 200,
+    settings, store, notifier = embedded
+    url = hook_server.script("/traced", 500, 200)
+    # when a client inside a trace enqueues one task,
+    async with support.api_client(settings, store, notifier) as api:
+        response = await api.post(
+            "/",
+            params={"url": url},
+            content=b"{}",
+            headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"},
+        )
+        assert response.status_code == 201
+        task_id = int(response.json()["id"])
+    # and the worker takes it twice,
+    await support.run_until_settled(settings, store, notifier, [task_id])
+    task = await store.get_task(task_id)
+    assert task is not None and task.status == "COMPLETED" and task.retry_count == 2
 
     # then every span belongs to the client's trace,
     finished = spans.get_finished_spans()
@@ -109,33 +120,25 @@ TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-0[01]$")
 
 
 async def test_with_tracing_off_every_hook_call_carries_a_traceparent_of_the_tasks_trace(
-    hook_server: HookServer, sqlite_template: Path, tmp_path: Path
+    hook_server: HookServer, embedded: Embedded
 ) -> None:
     # Given ntorque with no tracer installed (no OTEL_* variables), a hook answering 500
     # then 200, and one answering 200,
     assert tracing.off()
-    path = tmp_path / "ntorque.sqlite3"
-    shutil.copyfile(sqlite_template, path)
-    settings = support.make_settings(NTORQUE_SQLITE_PATH=str(path), NTORQUE_AUTHENTICATE="false")
-    store = Store.from_settings(settings)
-    notifier = LocalNotifier()
+    settings, store, notifier = embedded
     retried = hook_server.script("/off-retried", 500, 200)
     other = hook_server.script("/off-other", 200)
     invalid = hook_server.script("/off-invalid", 200)
-    try:
-        # when clients that send no traceparent (or an invalid one) enqueue tasks,
-        async with support.api_client(settings, store, notifier) as api:
-            ids = []
-            for url, headers in ((retried, {}), (other, {}), (invalid, {"traceparent": "00-x"})):
-                response = await api.post("/", params={"url": url}, content=b"{}", headers=headers)
-                assert response.status_code == 201
-                ids.append(int(response.json()["id"]))
-        # and a client writes one itself, with no trace context at all,
-        (written,) = await store.add_tasks([support.new_task(other)])
-        await support.run_until_settled(settings, store, notifier, [*ids, written.id])
-    finally:
-        await notifier.close()
-        await store.close()
+    # when clients that send no traceparent (or an invalid one) enqueue tasks,
+    async with support.api_client(settings, store, notifier) as api:
+        ids = []
+        for url, headers in ((retried, {}), (other, {}), (invalid, {"traceparent": "00-x"})):
+            response = await api.post("/", params={"url": url}, content=b"{}", headers=headers)
+            assert response.status_code == 201
+            ids.append(int(response.json()["id"]))
+    # and a client writes one itself, with no trace context at all,
+    (written,) = await store.add_tasks([support.new_task(other)])
+    await support.run_until_settled(settings, store, notifier, [*ids, written.id])
 
     # then every hook call carried a valid traceparent,
     def trace_ids(path: str) -> list[str]:
