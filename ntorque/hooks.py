@@ -186,6 +186,11 @@ def _error(started: float, message: str, *, permanent: bool = False) -> HookResu
 
 
 _SPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+# A host name as the hook client needs it: its resolver hands the name to socket.getaddrinfo,
+# which encodes it with the 'idna' codec, and that refuses an empty label (a trailing dot
+# aside) or one over 63 characters. DNS adds the 253-character limit (without the dot).
+# The codec's ASCII path checks nothing else, so neither does this.
+HOST_NAME = re.compile(r"(?=.{1,253}\.?\Z)(?:[^.]{1,63}\.)*[^.]{1,63}\.?\Z")
 
 
 def check_url(url: str) -> tuple[str | None, str]:
@@ -204,7 +209,28 @@ def check_url(url: str) -> tuple[str | None, str]:
         return "must name a host", ""
     if port is not None and not 0 < port < 65536:
         return "has an invalid port", ""
-    return None, host
+    return check_host(host), host
+
+
+def check_host(host: str) -> str | None:
+    """What is wrong with the url's host for the hook client (see HOST_NAME), or None."""
+    if host.isascii():
+        if HOST_NAME.match(host) or ":" in host:  # a name or IPv4; an IPv6 literal
+            return None
+        name = host
+    else:
+        # An internationalised name: the hook client sends it IDNA-encoded.
+        try:
+            name = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            return "has a host the IDNA codec cannot encode"
+        if HOST_NAME.match(name):
+            return None
+    if len(name.removesuffix(".")) > 253:
+        return "has a host longer than 253 characters"
+    if any(len(label) > 63 for label in name.split(".")):
+        return "has a host label longer than 63 characters"
+    return "has a host with an empty label"
 
 
 def create_hook_client(settings: Settings) -> HookClient:

@@ -18,11 +18,6 @@ UNPRINTABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 PASSTHROUGH_PREFIX_BYTES = PASSTHROUGH_PREFIX.encode("latin-1")
 MAX_HEADER_VALUE = 8192
 MAX_CONTENT_TYPE = 1024
-# A host name as the hook client needs it: its resolver hands the name to socket.getaddrinfo,
-# which encodes it with the 'idna' codec, and that refuses an empty label (a trailing dot
-# aside) or one over 63 characters. DNS adds the 253-character limit (without the dot).
-# The codec's ASCII path checks nothing else, so neither does this.
-HOST_NAME = re.compile(r"(?=.{1,253}\.?\Z)(?:[^.]{1,63}\.)*[^.]{1,63}\.?\Z")
 
 
 class BadRequest(Exception):
@@ -64,8 +59,6 @@ def task_from_request(request: Request, settings: Settings) -> TaskSpec:
     if len(url) > settings.max_url_length:
         raise BadRequest(f"url is longer than {settings.max_url_length} characters", "bad_url")
     problem, host = check_url(url)
-    if problem is None:
-        problem = check_host(host)
     if problem is not None:
         raise BadRequest(f"url {problem}", "bad_url")
 
@@ -161,27 +154,6 @@ def _utf8(raw: bytes) -> str | None:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         return None
-
-
-def check_host(host: str) -> str | None:
-    """What is wrong with the url's host for the hook client (see HOST_NAME), or None."""
-    if host.isascii():
-        if HOST_NAME.match(host) or ":" in host:  # a name or IPv4; an IPv6 literal
-            return None
-        name = host
-    else:
-        # An internationalised name: the hook client sends it IDNA-encoded.
-        try:
-            name = host.encode("idna").decode("ascii")
-        except UnicodeError:
-            return "has a host the IDNA codec cannot encode"
-        if HOST_NAME.match(name):
-            return None
-    if len(name.removesuffix(".")) > 253:
-        return "has a host longer than 253 characters"
-    if any(len(label) > 63 for label in name.split(".")):
-        return "has a host label longer than 63 characters"
-    return "has a host with an empty label"
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ntorque.hooks import check_url
-from ntorque.validation import check_host
+from ntorque.hooks import check_host, check_url
 
 
 @pytest.mark.parametrize(
