@@ -12,6 +12,8 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 
+from bench import fastloop
+
 BODY = b'{"n": 1, "kind": "bench"}'
 HEADERS = {"Content-Type": "application/json", "NTORQUE-TASK-RETRY-COUNT": "0"}
 CLIENTS = ("aiohttp", "httpx", "httpx-aiohttp")
@@ -77,13 +79,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=32)
     args = parser.parse_args()
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    rate = asyncio.run(measure(args.client, args.url, args.n, args.concurrency))
+    rate = fastloop.run(measure(args.client, args.url, args.n, args.concurrency))
     print(json.dumps({"client": args.client, "rate": rate}))
 
 

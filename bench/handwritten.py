@@ -32,6 +32,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from bench import fastloop
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS hand_tasks (
     id bigserial PRIMARY KEY,
@@ -148,13 +150,7 @@ def main() -> None:
     parser.add_argument("what", choices=("worker",))
     parser.add_argument("--concurrency", type=int, default=100)
     args = parser.parse_args()
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    asyncio.run(work(args.concurrency))
+    fastloop.run(work(args.concurrency))
 
 
 if __name__ == "__main__":

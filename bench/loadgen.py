@@ -16,6 +16,8 @@ from urllib.parse import quote
 
 import aiohttp
 
+from bench import fastloop
+
 
 def percentile(values: list[float], q: float) -> float:
     if not values:
@@ -104,13 +106,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    result = asyncio.run(run(args))
+    result = fastloop.run(run(args))
     with open(args.out, "w") as fh:
         json.dump(result, fh)
 

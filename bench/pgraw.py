@@ -12,6 +12,8 @@ import time
 
 import asyncpg
 
+from bench import fastloop
+
 DDL = """
 CREATE TABLE IF NOT EXISTS bench_raw (
     id bigserial PRIMARY KEY, url text NOT NULL, body bytea NOT NULL,
@@ -50,13 +52,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--connections", type=int, default=32)
     args = parser.parse_args()
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    print(json.dumps({"rate": asyncio.run(measure(args.dsn, args.seconds, args.connections))}))
+    print(json.dumps({"rate": fastloop.run(measure(args.dsn, args.seconds, args.connections))}))
 
 
 if __name__ == "__main__":
