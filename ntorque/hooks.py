@@ -215,7 +215,13 @@ def check_url(url: str) -> tuple[str | None, str]:
 def check_host(host: str) -> str | None:
     """What is wrong with the url's host for the hook client (see HOST_NAME), or None."""
     if host.isascii():
-        if HOST_NAME.match(host) or ":" in host:  # a name or IPv4; an IPv6 literal
+        if ":" in host:  # an IPv6 literal
+            return None
+        if host.replace(".", "").isdigit():
+            # The hook client takes a host of digits and dots for an IPv4 address and calls
+            # only the dotted-quad form (no 127.1, 2130706433, 010.0.0.1, 999.1.1.1).
+            return None if _is_dotted_quad(host) else "has a host that is not a valid IPv4 address"
+        if HOST_NAME.match(host):
             return None
         name = host
     else:
@@ -231,6 +237,14 @@ def check_host(host: str) -> str | None:
     if any(len(label) > 63 for label in name.split(".")):
         return "has a host label longer than 63 characters"
     return "has a host with an empty label"
+
+
+def _is_dotted_quad(host: str) -> bool:
+    parts = host.split(".")
+    return len(parts) == 4 and all(
+        1 <= len(part) <= 3 and (part == "0" or not part.startswith("0")) and int(part) <= 255
+        for part in parts
+    )
 
 
 def create_hook_client(settings: Settings) -> HookClient:

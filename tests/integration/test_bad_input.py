@@ -15,6 +15,8 @@ from urllib.parse import quote
 import httpx
 import pytest
 
+from ntorque.hooks import AiohttpHookClient
+from ntorque.models import Task
 from ntorque.notify import Notifier
 from ntorque.settings import Settings
 from ntorque.store import Store
@@ -279,6 +281,45 @@ async def test_malformed_hosts_are_refused_as_bad_url(
             response = await raw_http(base, "POST", q(url), [("NTORQUE_API_KEY", key)], b"x")
             answers[url] = (response.status, response.json().get("code"))
     assert answers == {url: (400, "bad_url") for url in MALFORMED_HOSTS}
+    assert await count_tasks(store) == 0
+
+
+NOT_IPV4_HOSTS = [
+    "http://1.2.3.4.5/",
+    "http://999.1.1.1/",
+    "http://127.1:9/hook",
+    "http://2130706433/",
+    "http://010.0.0.1/",
+    "http://1.2.3.4./",
+]
+
+
+def make_task(url: str) -> Task:
+    now = time.time()
+    return Task(id=1, app_id=None, url=url, method="POST", timeout=5, body=b"",
+                content_type=None, headers=[], trace_context=None, status="PENDING",
+                retry_count=1, due=now, created=now, modified=now, last_status=None,
+                last_error=None)  # fmt: skip
+
+
+async def test_digit_hosts_that_are_not_ipv4_addresses_are_refused_as_bad_url(
+    settings: Settings, store: Store, notifier: Notifier
+) -> None:
+    """The hook client would refuse these for ever (not a dotted quad): 400, no task."""
+    _, key = await store.create_app("ipv4")
+    client = AiohttpHookClient(settings)
+    try:
+        for url in NOT_IPV4_HOSTS:
+            result = await client.call(make_task(url))
+            assert result.permanent and "invalid url" in (result.error or ""), (url, result)
+    finally:
+        await client.close()
+    answers = {}
+    async with serve_app(settings, store, notifier) as base:
+        for url in NOT_IPV4_HOSTS:
+            response = await raw_http(base, "POST", q(url), [("NTORQUE_API_KEY", key)], b"x")
+            answers[url] = (response.status, response.json().get("code"))
+    assert answers == {url: (400, "bad_url") for url in NOT_IPV4_HOSTS}
     assert await count_tasks(store) == 0
 
 

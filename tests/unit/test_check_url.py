@@ -114,6 +114,33 @@ def test_hosts_the_hook_client_cannot_resolve_are_refused(url: str, words: str) 
     assert words in problem
 
 
+@pytest.mark.parametrize(
+    "host",
+    [
+        "1.2.3.4.5",
+        "999.1.1.1",
+        "1.2.3.256",
+        "127.1",
+        "2130706433",
+        "010.0.0.1",
+        "1.2.3.04",
+        "1.2.3.4.",
+        "1..2.3",
+        "0",
+    ],
+)
+def test_digits_and_dots_that_are_not_a_dotted_quad_are_refused(host: str) -> None:
+    """The hook client takes such a host for an IPv4 address and refuses all but a quad."""
+    problem = url_problem(f"http://{host}/hook")
+    assert problem is not None
+    assert "IPv4" in problem
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.0.0.1", "255.255.255.255", "192.168.100.200"])
+def test_dotted_quads_are_accepted(host: str) -> None:
+    assert url_problem(f"http://{host}:8080/hook") is None
+
+
 def test_the_ascii_host_rule_matches_the_idna_codec() -> None:
     """HOST_NAME (the fast path) refuses exactly what the codec refuses, plus over 253."""
     samples = [
