@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 logger = logging.getLogger("ntorque.settings")
 
@@ -163,7 +163,10 @@ def normalise_database_url(raw: str) -> tuple[str, dict[str, Any]]:
             _database_url_parameter(unquote(key), unquote(value), connect_args)
         if not connect_args.get("server_settings"):
             connect_args.pop("server_settings", None)
-        url = urlunsplit(("postgresql+asyncpg", parts.netloc, parts.path, "", ""))
+        _ = parts.port  # a ValueError unless the port is a number from 0 to 65535
+        # Not urlunsplit: it drops the "//" of a host-less URL (postgres:///ntorque, libpq's
+        # local server), which SQLAlchemy then cannot parse.
+        url = f"postgresql+asyncpg://{parts.netloc}{parts.path}"
         return url, connect_args
     if scheme in ("sqlite", "sqlite+aiosqlite"):
         # Swap the scheme only: urlunsplit would turn sqlite:////abs into sqlite://abs.

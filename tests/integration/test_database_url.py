@@ -33,10 +33,13 @@ QUERY = f"sslmode=disable&application_name={APP_NAME}&connect_timeout=5"
 FULL_QUERY = f"{QUERY}&options=-c%20statement_timeout%3D12345&target_session_attrs=read-write"
 
 
-def _run(tmp_path: Path, database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+def _run(
+    tmp_path: Path, database_url: str, *args: str, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     env.update(support.FAST_ENV)
     env.update({"DATABASE_URL": database_url, "NTORQUE_SQLITE_PATH": str(tmp_path / "no.db")})
+    env.update(extra_env or {})
     return subprocess.run(
         [str(NTORQUE), *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=90
     )
@@ -129,4 +132,28 @@ def test_unsupported_parameter_stops_the_process(tmp_path: Path, empty_db: str) 
     proc = _run(tmp_path, f"{empty_db}?sslmode=disable&keepalives=1", "migrate")
     assert proc.returncode == 2
     assert "DATABASE_URL" in proc.stderr and "'keepalives'" in proc.stderr
+    assert "Traceback" not in proc.stderr, "a configuration error is a message, not a crash"
+
+
+def test_host_less_url_connects_as_libpq_does(tmp_path: Path, empty_db: str) -> None:
+    """``postgres:///name`` (libpq's local server; nTorque 0.4's default) works as given.
+
+    Host, port and user then come from libpq's defaults and PGHOST/PGPORT/PGUSER.
+    """
+    database = empty_db.rsplit("/", 1)[1]
+    pg = {"PGHOST": support.PG_HOST, "PGPORT": str(support.PG_PORT), "PGUSER": support.PG_USER}
+    migrate = _run(tmp_path, f"postgres:///{database}", "migrate", extra_env=pg)
+    assert migrate.returncode == 0, migrate.stderr
+    assert "Traceback" not in migrate.stderr
+    created = _run(tmp_path, f"postgresql:///{database}?sslmode=disable", "create-app",
+                   "--name", "local", extra_env=pg)  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    assert not (tmp_path / "no.db").exists(), "the URL was used, not the SQLite default"
+
+
+@pytest.mark.parametrize("port", ["abc", "99999", "-1"])
+def test_bad_port_stops_the_process_naming_the_variable(tmp_path: Path, port: str) -> None:
+    proc = _run(tmp_path, f"postgres://postgres@127.0.0.1:{port}/x", "migrate")
+    assert proc.returncode == 2, proc.stderr
+    assert "DATABASE_URL" in proc.stderr
     assert "Traceback" not in proc.stderr, "a configuration error is a message, not a crash"
