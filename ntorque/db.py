@@ -19,7 +19,6 @@ _POOLS: dict[str, type[pool.Pool]] = {
     "NullPool": pool.NullPool,
     "QueuePool": pool.AsyncAdaptedQueuePool,
     "AsyncAdaptedQueuePool": pool.AsyncAdaptedQueuePool,
-    "StaticPool": pool.StaticPool,
 }
 
 

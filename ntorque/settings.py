@@ -89,7 +89,13 @@ def _status_codes(raw: str) -> frozenset[int]:
 def _pool_class(raw: str) -> str:
     value = raw.strip()
     short = value.rsplit(".", 1)[-1]
-    allowed = {"NullPool", "QueuePool", "AsyncAdaptedQueuePool", "StaticPool"}
+    allowed = {"NullPool", "QueuePool", "AsyncAdaptedQueuePool"}
+    if short == "StaticPool":
+        # One connection for every concurrent request: their transactions would interleave.
+        raise ValueError(
+            "StaticPool shares one connection between concurrent requests; "
+            "use QueuePool (the default) or NullPool"
+        )
     if short not in allowed:
         raise ValueError(f"must be one of {', '.join(sorted(allowed))} (e.g. NullPool)")
     return short

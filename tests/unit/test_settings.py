@@ -136,6 +136,8 @@ BAD: list[tuple[str, str]] = [
     ("SQLALCHEMY_POOL_RECYCLE", "x"),
     ("SQLALCHEMY_POOL_TIMEOUT", "0"),
     ("SQLALCHEMY_POOL_CLASS", "FooPool"),
+    ("SQLALCHEMY_POOL_CLASS", "StaticPool"),  # crashed every PostgreSQL process (TypeError)
+    ("SQLALCHEMY_POOL_CLASS", "sqlalchemy.pool.StaticPool"),
     ("NTORQUE_DB_TIMEOUT", "0"),
     ("NTORQUE_AUTO_MIGRATE", "perhaps"),
     ("NTORQUE_MAX_BODY_BYTES", "-1"),
