@@ -56,9 +56,9 @@ def _float_range(lo: float | None = None, hi: float | None = None) -> Callable[[
         if value != value or value in (float("inf"), float("-inf")):
             raise ValueError("must be a finite number")
         if lo is not None and value < lo:
-            raise ValueError(f"must be at least {lo:g}")
+            raise ValueError(f"must be at least {lo:.15g}")
         if hi is not None and value > hi:
-            raise ValueError(f"must be at most {hi:g}")
+            raise ValueError(f"must be at most {hi:.15g}")
         return value
 
     return cast
@@ -99,6 +99,13 @@ def _pool_class(raw: str) -> str:
     if short not in allowed:
         raise ValueError(f"must be one of {', '.join(sorted(allowed))} (e.g. NullPool)")
     return short
+
+
+# Upper bounds that keep values within what the rest can represent: a task's timeout is an
+# INTEGER column; any other duration (a retry delay, an interval, a timeout) at most a year,
+# so due dates stay printable and timers within what asyncio and Redis accept.
+MAX_TASK_TIMEOUT_S = 2**31 - 1
+MAX_SECONDS = 365 * 24 * 3600
 
 
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
@@ -276,19 +283,19 @@ class Settings:
         read("PORT", "port", _int_range(0, 65535))
         read("NTORQUE_BACKOFF", "backoff", _choice("exponential", "linear"))
         read("NTORQUE_CLEANUP_AFTER_DAYS", "cleanup_after_days", _float_range(0))
-        read("NTORQUE_CLEANUP_INTERVAL", "cleanup_interval_s", _float_range(0.01))
+        read("NTORQUE_CLEANUP_INTERVAL", "cleanup_interval_s", _float_range(0.01, MAX_SECONDS))
         read("NTORQUE_CLEANUP_BATCH", "cleanup_batch", _int_range(1, 100_000))
-        read("NTORQUE_DEFAULT_TIMEOUT", "default_timeout_s", _int_range(1))
-        read("NTORQUE_MAX_TIMEOUT", "max_timeout_s", _int_range(1))
-        read("NTORQUE_MIN_DUE_DELAY", "min_due_delay_s", _float_range(0))
-        read("NTORQUE_MAX_DUE_DELAY", "max_due_delay_s", _float_range(0))
+        read("NTORQUE_DEFAULT_TIMEOUT", "default_timeout_s", _int_range(1, MAX_TASK_TIMEOUT_S))
+        read("NTORQUE_MAX_TIMEOUT", "max_timeout_s", _int_range(1, MAX_TASK_TIMEOUT_S))
+        read("NTORQUE_MIN_DUE_DELAY", "min_due_delay_s", _float_range(0, MAX_SECONDS))
+        read("NTORQUE_MAX_DUE_DELAY", "max_due_delay_s", _float_range(0, MAX_SECONDS))
         read("NTORQUE_MAX_RETRIES", "max_retries", _int_range(0, 1000))
-        read("NTORQUE_REQUEUE_INTERVAL", "requeue_interval_s", _float_range(0.01))
+        read("NTORQUE_REQUEUE_INTERVAL", "requeue_interval_s", _float_range(0.01, MAX_SECONDS))
         read("NTORQUE_REQUEUE_BATCH", "requeue_batch", _int_range(1, 100_000))
         read("NTORQUE_NOTIFY_BACKLOG_LIMIT", "notify_backlog_limit", _int_range(1))
         read("NTORQUE_TRANSIENT_REQUEST_ERRORS", "transient_request_errors", _status_codes)
         read("NTORQUE_AUTHENTICATE", "authenticate", _bool)
-        read("NTORQUE_AUTH_CACHE_SECONDS", "auth_cache_s", _float_range(0))
+        read("NTORQUE_AUTH_CACHE_SECONDS", "auth_cache_s", _float_range(0, MAX_SECONDS))
         read("NTORQUE_ENABLE_HSTS", "enable_hsts", _bool)
         read("HSTS_PROTOCOL_HEADER", "hsts_protocol_header", lambda raw: raw.strip().lower())
         read("NTORQUE_REDIS_CHANNEL", "redis_channel", str.strip)
@@ -297,21 +304,22 @@ class Settings:
         read("SQLALCHEMY_POOL_SIZE", "pool_size", _int_range(1))
         read("SQLALCHEMY_MAX_OVERFLOW", "pool_max_overflow", _int_range(-1))
         read("SQLALCHEMY_POOL_RECYCLE", "pool_recycle_s", _int_range(-1))
-        read("SQLALCHEMY_POOL_TIMEOUT", "pool_timeout_s", _float_range(0.1))
+        read("SQLALCHEMY_POOL_TIMEOUT", "pool_timeout_s", _float_range(0.1, MAX_SECONDS))
         read("SQLALCHEMY_POOL_CLASS", "pool_class", _pool_class)
-        read("NTORQUE_DB_TIMEOUT", "db_timeout_s", _float_range(0.1))
+        read("NTORQUE_DB_TIMEOUT", "db_timeout_s", _float_range(0.1, MAX_SECONDS))
         read("NTORQUE_AUTO_MIGRATE", "auto_migrate", _bool)
         read("NTORQUE_MAX_BODY_BYTES", "max_body_bytes", _int_range(0))
         read("NTORQUE_MAX_URL_LENGTH", "max_url_length", _int_range(16, 65536))
         read("NTORQUE_MAX_PASSTHROUGH_HEADERS", "max_passthrough_headers", _int_range(0, 1000))
         read("NTORQUE_WORKER_CONCURRENCY", "worker_concurrency", _int_range(1, 10_000))
-        read("NTORQUE_POLL_INTERVAL", "poll_interval_s", _float_range(0.01))
-        read("NTORQUE_SHUTDOWN_GRACE", "shutdown_grace_s", _float_range(0))
+        read("NTORQUE_POLL_INTERVAL", "poll_interval_s", _float_range(0.01, MAX_SECONDS))
+        read("NTORQUE_SHUTDOWN_GRACE", "shutdown_grace_s", _float_range(0, MAX_SECONDS))
         read("NTORQUE_MAX_REDIRECTS", "max_redirects", _int_range(0, 100))
         read("NTORQUE_CA_BUNDLE", "ca_bundle", _existing_file)
         read("NTORQUE_MAX_RESPONSE_BYTES", "max_response_bytes", _int_range(0))
         read("NTORQUE_METRICS_PORT", "metrics_port", _int_range(0, 65535))
-        read("NTORQUE_METRICS_PUBLISH_INTERVAL", "metrics_publish_interval_s", _float_range(0.1))
+        publish_interval = _float_range(0.1, MAX_SECONDS)
+        read("NTORQUE_METRICS_PUBLISH_INTERVAL", "metrics_publish_interval_s", publish_interval)
         read("WEB_CONCURRENCY", "web_concurrency", _int_range(1, 256))
         read("NTORQUE_LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error"))
         read("NTORQUE_BOOTSTRAP_APP", "bootstrap_app", _bool)

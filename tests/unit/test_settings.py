@@ -160,6 +160,23 @@ BAD: list[tuple[str, str]] = [
     ("DATABASE_URL", "postgres://h/db?connect_timeout=0"),
     ("DATABASE_URL", "postgres://h/db?target_session_attrs=master"),
     ("DATABASE_URL", "postgres://h/db?keepalives=1"),
+    ("DATABASE_URL", "postgres://h:abc/db"),
+    ("DATABASE_URL", "postgres://h:99999/db"),
+    # Too large for what uses them: a timeout over the INTEGER column (the enqueue batch
+    # failed, 503), a retry delay whose due date cannot be printed (GET /tasks/<id>: 500),
+    # timers beyond what asyncio and Redis accept.
+    ("NTORQUE_MAX_TIMEOUT", "2147483648"),
+    ("NTORQUE_DEFAULT_TIMEOUT", "99999999999"),
+    ("NTORQUE_MAX_DUE_DELAY", "1e12"),
+    ("NTORQUE_MIN_DUE_DELAY", "1e12"),
+    ("NTORQUE_POLL_INTERVAL", "1e300"),
+    ("NTORQUE_REQUEUE_INTERVAL", "1e300"),
+    ("NTORQUE_CLEANUP_INTERVAL", "1e300"),
+    ("NTORQUE_METRICS_PUBLISH_INTERVAL", "1e300"),
+    ("NTORQUE_SHUTDOWN_GRACE", "1e300"),
+    ("NTORQUE_DB_TIMEOUT", "1e300"),
+    ("SQLALCHEMY_POOL_TIMEOUT", "1e300"),
+    ("NTORQUE_AUTH_CACHE_SECONDS", "1e300"),
 ]
 
 
@@ -168,6 +185,18 @@ def test_bad_values_raise_naming_the_variable(name: str, raw: str) -> None:
     with pytest.raises(SettingsError) as info:
         Settings.from_env({name: raw})
     assert name in str(info.value)
+
+
+def test_the_largest_values_allowed_are_accepted() -> None:
+    s = Settings.from_env(
+        {
+            "NTORQUE_MAX_TIMEOUT": "2147483647",
+            "NTORQUE_DEFAULT_TIMEOUT": "2147483647",
+            "NTORQUE_MAX_DUE_DELAY": "31536000",
+            "NTORQUE_POLL_INTERVAL": "31536000",
+        }
+    )
+    assert (s.max_timeout_s, s.max_due_delay_s) == (2147483647, 31536000)
 
 
 def test_combinations_are_checked() -> None:
