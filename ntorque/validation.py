@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from urllib.parse import unquote_plus, unquote_to_bytes
 
 from starlette.requests import ClientDisconnect, Request
 
@@ -56,6 +57,10 @@ def task_from_request(request: Request, settings: Settings) -> TaskSpec:
     url = _single(request, "url")
     if url is None or url == "":
         raise BadRequest("the url query parameter is required", "bad_url")
+    if "\ufffd" in url and _not_utf8(request, "url"):
+        raise BadRequest(
+            "url is not UTF-8 once percent-decoded (percent-encode the whole url)", "bad_url"
+        )
     if len(url) > settings.max_url_length:
         raise BadRequest(f"url is longer than {settings.max_url_length} characters", "bad_url")
     problem, host = check_url(url)
@@ -101,6 +106,21 @@ def task_from_request(request: Request, settings: Settings) -> TaskSpec:
         content_type=content_type or None,
         headers=passthrough_headers(request, settings),
     )
+
+
+def _not_utf8(request: Request, name: str) -> bool:
+    """Whether a query parameter's percent-decoded bytes are not UTF-8.
+
+    Starlette decodes such bytes to U+FFFD: a hook URL would silently change.
+    """
+    for field in request.scope.get("query_string", b"").decode("latin-1").split("&"):
+        key, _, value = field.partition("=")
+        if unquote_plus(key) == name:
+            try:
+                unquote_to_bytes(value.replace("+", " ")).decode("utf-8")
+            except UnicodeDecodeError:
+                return True
+    return False
 
 
 def passthrough_headers(request: Request, settings: Settings) -> list[tuple[str, str]]:

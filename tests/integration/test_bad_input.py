@@ -323,6 +323,24 @@ async def test_digit_hosts_that_are_not_ipv4_addresses_are_refused_as_bad_url(
     assert await count_tasks(store) == 0
 
 
+async def test_url_not_utf8_once_percent_decoded_is_refused(
+    settings: Settings, store: Store, notifier: Notifier
+) -> None:
+    """A url sent without encoding it (caf%E9 as Latin-1) is 400, not silently turned to U+FFFD."""
+    _, key = await store.create_app("utf8")
+    async with serve_app(settings, store, notifier) as base:
+        for target in ("/?url=http://127.0.0.1:9/caf%E9", "/?url=http://127.0.0.1:9/?q=%FF+x"):
+            response = await raw_http(base, "POST", target, [("NTORQUE_API_KEY", key)], b"x")
+            assert response.status == 400, (target, response.body)
+            assert response.json()["code"] == "bad_url"
+        assert await count_tasks(store) == 0
+        # A real U+FFFD, sent as its UTF-8 bytes, is a character like any other.
+        target = "/?url=" + quote("http://127.0.0.1:9/\ufffd", safe="")
+        response = await raw_http(base, "POST", target, [("NTORQUE_API_KEY", key)], b"x")
+        assert response.status == 201, response.body
+        assert response.json()["url"] == "http://127.0.0.1:9/\ufffd"
+
+
 async def test_host_names_and_addresses_the_hook_client_can_call_are_accepted(
     api: httpx.AsyncClient,
 ) -> None:
