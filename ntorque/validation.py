@@ -75,9 +75,14 @@ def task_from_request(request: Request, settings: Settings) -> TaskSpec:
     raw_timeout = _single(request, "timeout")
     timeout = settings.default_timeout_s
     if raw_timeout is not None:
-        if not DIGITS.match(raw_timeout):
+        digits = raw_timeout.lstrip("0") or raw_timeout[:1]
+        if not DIGITS.match(digits):
+            if digits.isascii() and digits.isdigit():  # more digits than any limit has
+                raise BadRequest(
+                    f"timeout must be at most {settings.max_timeout_s} seconds", "bad_timeout"
+                )
             raise BadRequest("timeout must be a whole number of seconds", "bad_timeout")
-        timeout = int(raw_timeout)
+        timeout = int(digits)
         if timeout < 1:
             raise BadRequest("timeout must be at least 1 second", "bad_timeout")
         if timeout > settings.max_timeout_s:

@@ -341,6 +341,37 @@ async def test_url_not_utf8_once_percent_decoded_is_refused(
         assert response.json()["url"] == "http://127.0.0.1:9/\ufffd"
 
 
+@pytest.mark.parametrize(
+    ("raw_timeout", "words"),
+    [
+        ("3601", "at most 3600"),
+        ("9" * 11, "at most 3600"),
+        ("9" * 5000, "at most 3600"),
+        ("0", "at least 1"),
+        ("000", "at least 1"),
+        ("-1", "whole number"),
+        ("1.0", "whole number"),
+        ("", "whole number"),
+        ("%D9%A5", "whole number"),  # an Arabic-Indic five
+    ],
+)
+async def test_a_bad_timeout_names_its_problem(
+    settings: Settings, store: Store, notifier: Notifier, raw_timeout: str, words: str
+) -> None:
+    _, key = await store.create_app("timeout")
+    async with serve_app(settings, store, notifier) as base:
+        target = q(HOOK) + "&timeout=" + raw_timeout
+        response = await raw_http(base, "POST", target, [("NTORQUE_API_KEY", key)], b"x")
+        assert response.status == 400, response.body
+        assert response.json()["code"] == "bad_timeout"
+        assert words in response.json()["error"]
+        # Leading zeros are still the number they spell.
+        target = q(HOOK) + "&timeout=" + "0" * 20 + "7"
+        response = await raw_http(base, "POST", target, [("NTORQUE_API_KEY", key)], b"x")
+        assert response.status == 201, response.body
+        assert response.json()["timeout"] == 7
+
+
 async def test_host_names_and_addresses_the_hook_client_can_call_are_accepted(
     api: httpx.AsyncClient,
 ) -> None:
