@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -84,6 +85,17 @@ def _status_codes(raw: str) -> frozenset[int]:
             raise ValueError(f"{part!r} is not a 4xx status code (a comma-separated list)")
         codes.add(int(part))
     return frozenset(codes)
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _header_name(raw: str) -> str:
+    value = raw.strip()
+    if not _HEADER_NAME.fullmatch(value):
+        # It would never match a request's header: the https redirect would silently never happen.
+        raise ValueError("must be an HTTP header name, such as X-Forwarded-Proto")
+    return value.lower()
 
 
 def _pool_class(raw: str) -> str:
@@ -297,7 +309,7 @@ class Settings:
         read("NTORQUE_AUTHENTICATE", "authenticate", _bool)
         read("NTORQUE_AUTH_CACHE_SECONDS", "auth_cache_s", _float_range(0, MAX_SECONDS))
         read("NTORQUE_ENABLE_HSTS", "enable_hsts", _bool)
-        read("HSTS_PROTOCOL_HEADER", "hsts_protocol_header", lambda raw: raw.strip().lower())
+        read("HSTS_PROTOCOL_HEADER", "hsts_protocol_header", _header_name)
         read("NTORQUE_REDIS_CHANNEL", "redis_channel", str.strip)
         read("NTORQUE_REDIS_TLS_VERIFY", "redis_tls_verify", _bool)
         read("MODE", "mode", _choice("development", "production"))

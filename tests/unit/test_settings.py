@@ -128,6 +128,8 @@ BAD: list[tuple[str, str]] = [
     ("NTORQUE_AUTHENTICATE", "maybe"),
     ("NTORQUE_AUTH_CACHE_SECONDS", "-1"),
     ("NTORQUE_ENABLE_HSTS", "2"),
+    ("HSTS_PROTOCOL_HEADER", "X-Forwarded-Proto:"),
+    ("HSTS_PROTOCOL_HEADER", "X Forwarded Proto"),
     ("NTORQUE_REDIS_TLS_VERIFY", "sure"),
     ("MODE", "staging"),
     ("SQLALCHEMY_POOL_SIZE", "0"),
