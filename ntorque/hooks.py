@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import ssl
 import time
@@ -31,6 +32,16 @@ Verdict = Literal["completed", "failed", "retry"]
 
 # Errors are stored for the API to show; a hook's whole error page is not useful there.
 MAX_ERROR_CHARS = 500
+# Redirects the hook client follows itself (aiohttp's own would turn a POST answered by 301
+# or 302 into a GET without its body: the hook would "succeed" without its payload). 303
+# See Other says the request was handled: its answer is fetched with a GET, as RFC 9110
+# intends; every other redirect resends the same method, headers and body.
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# Not sent on to another host (as browsers, requests and aiohttp do); an upgrade of the
+# same host from http to https keeps them.
+CREDENTIAL_HEADERS = ("Authorization", "Cookie", "Proxy-Authorization")
+# The task's timeout bounds the whole call (asyncio.timeout): no per-request limits.
+NO_CLIENT_TIMEOUT = aiohttp.ClientTimeout()
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,19 +150,12 @@ class AiohttpHookClient:
         session = self._get_session()
         headers = CIMultiDict(task_headers(task, self.settings))
         headers.extend(extra_headers)
-        skip = ("Content-Type",) if not task.content_type else ()
         started = time.perf_counter()
         try:
-            async with session.request(
-                task.method,
-                task.url,
-                data=task.body,
-                headers=headers,
-                skip_auto_headers=skip,
-                timeout=aiohttp.ClientTimeout(total=task.timeout),
-                allow_redirects=self.settings.max_redirects > 0,
-                max_redirects=max(self.settings.max_redirects, 1),
-            ) as response:
+            async with (
+                asyncio.timeout(task.timeout),
+                await self._follow(session, task, headers) as response,
+            ):
                 prefix = await response.content.read(self.settings.max_response_bytes)
                 return HookResult(
                     status_code=response.status,
@@ -159,7 +163,7 @@ class AiohttpHookClient:
                     duration_s=time.perf_counter() - started,
                     body_prefix=prefix,
                 )
-        except aiohttp.TooManyRedirects:
+        except TooManyRedirects:
             return _error(started, "too many redirects", permanent=True)
         except aiohttp.InvalidURL as exc:
             return _error(started, f"invalid url: {exc}", permanent=True)
@@ -170,10 +174,70 @@ class AiohttpHookClient:
         except (OSError, ValueError) as exc:
             return _error(started, f"{type(exc).__name__}: {exc}")
 
+    async def _follow(
+        self, session: aiohttp.ClientSession, task: Task, headers: CIMultiDict[str]
+    ) -> aiohttp.ClientResponse:
+        """Send the request, following redirects (see REDIRECTS); the final response."""
+        method = task.method
+        body: bytes | None = task.body
+        url: str | yarl.URL = task.url
+        skip = ("Content-Type",) if not task.content_type else ()
+        for redirects in range(self.settings.max_redirects + 1):
+            response = await session.request(
+                method,
+                url,
+                data=body,
+                headers=headers,
+                skip_auto_headers=skip,
+                timeout=NO_CLIENT_TIMEOUT,
+                allow_redirects=False,
+            )
+            location = response.headers.get("Location")
+            if response.status not in REDIRECTS or location is None:
+                return response
+            if self.settings.max_redirects == 0:
+                return response  # following none: the 3xx is the hook's answer
+            response.release()
+            if redirects == self.settings.max_redirects:
+                break
+            previous = response.url
+            try:
+                target = previous.join(yarl.URL(location))
+            except (ValueError, TypeError) as exc:
+                raise aiohttp.InvalidURL(location, f"bad redirect: {exc}") from exc
+            if target.scheme not in ("http", "https") or not target.host:
+                raise aiohttp.InvalidURL(location, "redirect to a non-http(s) URL")
+            if not _same_authority(previous, target):
+                for name in CREDENTIAL_HEADERS:
+                    headers.popall(name, None)
+            if response.status == 303:
+                # See Other: the request was handled; its answer is read with a GET.
+                method, body, skip = "GET", None, ("Content-Type",)
+                headers.popall("Content-Type", None)
+            url = target
+        raise TooManyRedirects
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+class TooManyRedirects(Exception):
+    """More redirects than NTORQUE_MAX_REDIRECTS."""
+
+
+def _same_authority(previous: yarl.URL, target: yarl.URL) -> bool:
+    """Whether credentials may follow a redirect: same origin, or its upgrade to https."""
+    if previous.origin() == target.origin():
+        return True
+    return (
+        previous.scheme == "http"
+        and target.scheme == "https"
+        and previous.host == target.host
+        and previous.port == 80
+        and target.port == 443
+    )
 
 
 def _error(started: float, message: str, *, permanent: bool = False) -> HookResult:

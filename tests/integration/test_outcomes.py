@@ -154,20 +154,93 @@ async def test_custom_transient_codes(
     assert t2 is not None and (t2.status, t2.retry_count) == ("FAILED", 1)
 
 
-@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
-async def test_redirects_are_followed(
-    settings: Settings, store: Store, notifier: Notifier, hook_server: HookServer, status: int
+@pytest.mark.parametrize("method", ["POST", "PUT"])
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_redirects_keep_the_method_and_the_body(
+    settings: Settings,
+    store: Store,
+    notifier: Notifier,
+    hook_server: HookServer,
+    status: int,
+    method: str,
 ) -> None:
+    # Given a hook that moved (e.g. http -> https, or a new path)
     hook_server.script("/target", 200)
     url = hook_server.script("/moved", Reply(status=status, redirect_to="/target"))
+    # When a task is delivered to its old URL
+    [task] = await store.add_tasks(
+        [new_task(url, body=b"\x00payload", method=method, content_type="text/plain")]
+    )
+    await notifier.notify([task.id])
+    await run_until_settled(settings, store, notifier, [task.id])
+    # Then the new URL receives the same request, payload included, never a bodiless GET
+    done = await store.get_task(task.id)
+    assert done is not None and done.status == "COMPLETED"
+    assert hook_server.count("/moved") == 1
+    [target] = hook_server.calls("/target")
+    assert (target.method, target.body) == (method, b"\x00payload")
+    assert target.headers["Content-Type"] == "text/plain"
+    assert target.headers["NTORQUE-TASK-ID"] == str(task.id)
+
+
+async def test_see_other_is_read_with_a_get(
+    settings: Settings, store: Store, notifier: Notifier, hook_server: HookServer
+) -> None:
+    # 303: the hook handled the POST and points at its answer, which is fetched with a GET.
+    hook_server.script("/result", 200)
+    url = hook_server.script("/form", Reply(status=303, redirect_to="/result"))
     task_id = await deliver(settings, store, notifier, url)
     task = await store.get_task(task_id)
     assert task is not None and task.status == "COMPLETED"
-    assert hook_server.count("/moved") == 1
-    [target] = hook_server.calls("/target")
-    if status in (307, 308):
-        # These redirects keep the method and the body.
-        assert (target.method, target.body) == ("POST", b"x")
+    [form] = hook_server.calls("/form")
+    assert (form.method, form.body) == ("POST", b"x")
+    [result] = hook_server.calls("/result")
+    assert (result.method, result.body) == ("GET", b"")
+
+
+@pytest.mark.ntorque_env(NTORQUE_MAX_REDIRECTS="2")
+async def test_exactly_max_redirects_are_followed(
+    settings: Settings, store: Store, notifier: Notifier, hook_server: HookServer
+) -> None:
+    # NTORQUE_MAX_REDIRECTS=2: a chain of two redirects is followed to its end ...
+    hook_server.script("/two-b", Reply(status=302, redirect_to="/two-end"))
+    two = hook_server.script("/two-a", Reply(status=302, redirect_to="/two-b"))
+    # ... a chain of three is not.
+    hook_server.script("/three-c", Reply(status=302, redirect_to="/three-end"))
+    hook_server.script("/three-b", Reply(status=302, redirect_to="/three-c"))
+    three = hook_server.script("/three-a", Reply(status=302, redirect_to="/three-b"))
+    followed = await store.get_task(await deliver(settings, store, notifier, two))
+    refused = await store.get_task(await deliver(settings, store, notifier, three))
+    assert followed is not None and followed.status == "COMPLETED"
+    assert hook_server.count("/two-end") == 1
+    assert refused is not None
+    assert (refused.status, refused.retry_count, refused.last_error) == (
+        "FAILED",
+        1,
+        "too many redirects",
+    )
+    assert hook_server.count("/three-c") == 1 and hook_server.count("/three-end") == 0
+
+
+@pytest.mark.ntorque_env(NTORQUE_MAX_REDIRECTS="1")
+async def test_one_redirect_allowed_follows_one(
+    settings: Settings, store: Store, notifier: Notifier, hook_server: HookServer
+) -> None:
+    hook_server.script("/end", 200)
+    url = hook_server.script("/start", Reply(status=301, redirect_to="/end"))
+    task = await store.get_task(await deliver(settings, store, notifier, url))
+    assert task is not None and task.status == "COMPLETED"
+    assert [r.method for r in hook_server.calls("/end")] == ["POST"]
+
+
+@pytest.mark.ntorque_env(NTORQUE_MAX_REDIRECTS="0")
+async def test_with_no_redirects_allowed_the_redirect_is_the_answer(
+    settings: Settings, store: Store, notifier: Notifier, hook_server: HookServer
+) -> None:
+    url = hook_server.script("/start", Reply(status=301, redirect_to="/end"))
+    task = await store.get_task(await deliver(settings, store, notifier, url))
+    assert task is not None and (task.status, task.last_status) == ("FAILED", 301)
+    assert hook_server.count("/end") == 0
 
 
 async def test_redirect_to_a_failing_target_uses_the_targets_status(
@@ -244,3 +317,25 @@ async def test_stored_due_follows_the_backoff_formula(
     finally:
         await hooks.close()
         await store.close()
+
+
+async def test_credentials_do_not_follow_a_redirect_to_another_host(
+    settings: Settings, store: Store, notifier: Notifier, hook_server: HookServer
+) -> None:
+    # The same server under another host name is another origin.
+    other = hook_server.url("/elsewhere").replace("127.0.0.1", "localhost")
+    hook_server.script("/here", 200)
+    hook_server.script("/elsewhere", 200)
+    near = hook_server.script("/near", Reply(status=307, redirect_to="/here"))
+    far = hook_server.script("/far", Reply(status=307, redirect_to=other))
+    secret = [("Authorization", "Bearer s3cret"), ("X-Other", "kept")]
+    tasks = await store.add_tasks(
+        [new_task(near, body=b"x", headers=secret), new_task(far, body=b"x", headers=secret)]
+    )
+    await notifier.notify([t.id for t in tasks])
+    await run_until_settled(settings, store, notifier, [t.id for t in tasks])
+    [here] = hook_server.calls("/here")
+    [elsewhere] = hook_server.calls("/elsewhere")
+    assert here.headers.get("Authorization") == "Bearer s3cret"
+    assert "Authorization" not in elsewhere.headers
+    assert (elsewhere.headers.get("X-Other"), elsewhere.body) == ("kept", b"x")
