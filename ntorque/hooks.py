@@ -55,7 +55,11 @@ class HookResult:
 
 class HookClient(Protocol):
     async def call(self, task: Task, extra_headers: Sequence[tuple[str, str]] = ()) -> HookResult:
-        """Call the task's hook once; never raises for anything the hook or network does."""
+        """Call the task's hook once; never raises for anything the hook or network does.
+
+        The call ends within the task's timeout of the attempt's acquisition
+        (``task.modified``): the lease set then must outlast it.
+        """
 
     async def close(self) -> None: ...
 
@@ -151,9 +155,13 @@ class AiohttpHookClient:
         headers = CIMultiDict(task_headers(task, self.settings))
         headers.extend(extra_headers)
         started = time.perf_counter()
+        # The lease (due = acquired + timeout + backoff) was counted from the acquisition,
+        # not from now: a call started late (a busy loop, a slow BLMPOP) gets what is left,
+        # so no retry of the task can start while this call may still be running.
+        budget_s = min(task.timeout, task.modified + task.timeout - time.time())
         try:
             async with (
-                asyncio.timeout(task.timeout),
+                asyncio.timeout(max(budget_s, 0.0)),
                 await self._follow(session, task, headers) as response,
             ):
                 prefix = await response.content.read(self.settings.max_response_bytes)

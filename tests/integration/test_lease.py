@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from ntorque.clock import Clock
+from ntorque.hooks import AiohttpHookClient
 from ntorque.notify import Notifier
 from ntorque.settings import Settings
 from ntorque.store import Store
@@ -128,3 +129,25 @@ async def test_a_hook_slower_than_its_timeout_is_retried(
     # after the client started its clock), while the first answer was still pending.
     assert second.received_at >= first.received_at + 0.5, (first, second)
     assert first.finished_at is None or first.finished_at > second.received_at
+
+
+async def test_a_call_started_late_still_ends_before_its_lease_does(
+    settings: Settings, store: Store, hook_server: HookServer
+) -> None:
+    # Given an attempt whose worker only gets to call the hook 1.5 s after acquiring it
+    # (a busy event loop), and a hook that does not answer within the 2 s timeout
+    url = hook_server.script("/hang", Reply(status=200, delay_s=10))
+    [task] = await store.add_tasks([new_task(url, timeout=2)])
+    [taken] = await store.acquire([task.id])
+    await asyncio.sleep(1.5)
+    # When it calls the hook
+    hooks = AiohttpHookClient(settings)
+    try:
+        result = await hooks.call(taken)
+    finally:
+        await hooks.close()
+    ended = time.time()
+    # Then the call is over before the lease lets anyone else retry the task
+    assert result.status_code is None and result.error == "timed out after 2s"
+    assert ended < taken.due, (ended, taken.due)
+    assert ended >= taken.modified + taken.timeout - 0.1
