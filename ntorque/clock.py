@@ -91,6 +91,7 @@ class Clock:
         failed = await self.store.fail_exhausted()
         if failed:
             metrics.EXHAUSTED.inc(failed)
+            metrics.TASKS_FAILED.inc(failed)
             logger.info("action=fail_exhausted count=%d", failed)
         return failed
 

@@ -89,6 +89,11 @@ HOOK_SECONDS = Histogram(
 )
 ATTEMPTS = Counter("ntorque_attempts", "Finished attempts, by outcome.", ["outcome"])
 RETRIES = Counter("ntorque_retries", "Attempts that failed and will be retried.")
+TASKS_COMPLETED = Counter("ntorque_tasks_completed", "Tasks whose hook answered with success.")
+TASKS_FAILED = Counter(
+    "ntorque_tasks_failed",
+    "Tasks failed for good: a permanent answer, retries used up, or the last lease expired.",
+)
 STALE_OUTCOMES = Counter(
     "ntorque_stale_outcomes", "Outcomes dropped because a newer attempt held the lease."
 )
@@ -148,6 +153,8 @@ ROLE_FAMILIES: dict[str, frozenset[str]] = {
             "ntorque_hook_duration_seconds",
             "ntorque_attempts",
             "ntorque_retries",
+            "ntorque_tasks_completed",
+            "ntorque_tasks_failed",
             "ntorque_stale_outcomes",
             "ntorque_task_duration_seconds",
             "ntorque_hooks_in_flight",
@@ -162,6 +169,7 @@ ROLE_FAMILIES: dict[str, frozenset[str]] = {
             "ntorque_requeued",
             "ntorque_cleaned_up",
             "ntorque_exhausted",
+            "ntorque_tasks_failed",
             "ntorque_notify_failures",
             "ntorque_process_info",
         }

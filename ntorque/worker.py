@@ -10,6 +10,7 @@ from opentelemetry import trace
 
 from . import metrics, tracing
 from .batching import Batcher
+from .constants import COMPLETED, FAILED, PENDING
 from .hooks import HookClient, HookResult, decide
 from .models import Outcome, Task
 from .notify import Notifier, NotifyError
@@ -161,11 +162,14 @@ class Worker:
             metrics.HOOKS_IN_FLIGHT.dec()
         now = time.time()
         verdict, outcome = decide(task, result, self.settings, now)
+        if outcome.status == FAILED:
+            # A retryable answer on the last allowed attempt: not retried, the task failed.
+            verdict = "failed"
         metrics.labelled(
             metrics.HOOK_SECONDS, verdict, metrics.status_class(result.status_code)
         ).observe(result.duration_s)
         metrics.labelled(metrics.ATTEMPTS, verdict).inc()
-        if verdict == "retry" and outcome.status != "FAILED":
+        if verdict == "retry":
             metrics.RETRIES.inc()
         logger.debug(
             "action=finish_attempt task_id=%s attempt=%s status_code=%s outcome=%s",
@@ -175,7 +179,11 @@ class Worker:
             outcome.status,
         )
         await self._record(outcome)
-        if outcome.status != "PENDING":
+        if outcome.status == COMPLETED:
+            metrics.TASKS_COMPLETED.inc()
+        elif outcome.status == FAILED:
+            metrics.TASKS_FAILED.inc()
+        if outcome.status != PENDING:
             metrics.labelled(metrics.TASK_SECONDS, outcome.status.lower()).observe(
                 max(now - task.created, 0.0)
             )

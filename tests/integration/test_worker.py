@@ -85,3 +85,45 @@ async def test_stop_after_the_grace_period_leaves_the_task_for_a_retry(
     stored = await store.get_task(task.id)
     assert stored is not None and (stored.status, stored.retry_count) == ("PENDING", 1)
     assert stored.due > stored.modified, "still leased: retried once the lease runs out"
+
+
+def _sample(name: str, **labels: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.mark.ntorque_env(NTORQUE_MAX_RETRIES="1")
+async def test_metrics_count_tasks_by_their_final_outcome(
+    settings: Settings, store: Store, notifier: Notifier, hook_server: HookServer
+) -> None:
+    names = {
+        "completed": ("ntorque_tasks_completed_total", {}),
+        "failed": ("ntorque_tasks_failed_total", {}),
+        "retries": ("ntorque_retries_total", {}),
+        "attempts retry": ("ntorque_attempts_total", {"outcome": "retry"}),
+        "attempts failed": ("ntorque_attempts_total", {"outcome": "failed"}),
+        "hook 5xx failed": (
+            "ntorque_hook_duration_seconds_count",
+            {"outcome": "failed", "status_class": "5xx"},
+        ),
+    }
+    before = {k: _sample(n, **labels) for k, (n, labels) in names.items()}
+    # Given one task that succeeds, and one whose hook answers 500 on both allowed attempts
+    ok = hook_server.script("/ok", 200)
+    broken = hook_server.script("/broken", 500)
+    tasks = await store.add_tasks([new_task(ok), new_task(broken)])
+    # When they settle
+    await notifier.notify([t.id for t in tasks])
+    await run_until_settled(settings, store, notifier, [t.id for t in tasks])
+    # Then the metrics say one completed, one failed after a single retry: the last
+    # attempt's 500 is not counted as a retry, since nothing will retry it.
+    delta = {k: _sample(n, **labels) - before[k] for k, (n, labels) in names.items()}
+    assert delta == {
+        "completed": 1,
+        "failed": 1,
+        "retries": 1,
+        "attempts retry": 1,
+        "attempts failed": 1,
+        "hook 5xx failed": 1,
+    }

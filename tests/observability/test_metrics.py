@@ -46,6 +46,8 @@ WORKER_FAMILIES = {
     "ntorque_hook_duration_seconds",
     "ntorque_attempts",
     "ntorque_retries",
+    "ntorque_tasks_completed",
+    "ntorque_tasks_failed",
     "ntorque_task_duration_seconds",
     "ntorque_hooks_in_flight",
 }
@@ -81,6 +83,8 @@ def worker_mismatches(expo: Exposition, sent: Sent) -> list[str]:
             len(sent.retried),
         ),
         "retries": (expo.value("ntorque_retries_total"), len(sent.retried)),
+        "tasks completed": (expo.value("ntorque_tasks_completed_total"), completed),
+        "tasks failed": (expo.value("ntorque_tasks_failed_total"), len(sent.failed)),
         "hook 2xx completed": (
             expo.value(hook, outcome="completed", status_class="2xx"),
             completed,
