@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 from opentelemetry import trace
 
@@ -42,6 +43,7 @@ class Worker:
         self._notify_error_logged = 0.0
         self._min_batch = max(1, settings.worker_concurrency // 4)
         self._untraced = False
+        self._stop_waiter: asyncio.Task[Any] | None = None
 
     def stop(self) -> None:
         """Stop taking tasks; in-flight hook calls are given the grace period to finish."""
@@ -54,11 +56,14 @@ class Worker:
     async def run(self, *, burst: bool = False) -> None:
         """Work until :meth:`stop`; with ``burst``, return once nothing is due or running."""
         poll_now = True
+        # Waits for a free slot also end on stop(): with every slot held by a long call,
+        # SIGTERM must still start the grace period at once.
+        self._stop_waiter = asyncio.create_task(self._stopping.wait(), name="stop-waiter")
         try:
             while not self._stopping.is_set():
                 free = self.settings.worker_concurrency - len(self._inflight)
                 if free <= 0:
-                    await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
+                    await self._wait_for_a_call()
                     continue
                 if free < self._min_batch:
                     free = await self._wait_for_slots()
@@ -79,10 +84,18 @@ class Worker:
                 if burst and not acquired and not ids:
                     if not self._inflight:
                         break
-                    await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
+                    await self._wait_for_a_call()
                     poll_now = True
         finally:
+            self._stop_waiter.cancel()
             await self._shutdown()
+
+    async def _wait_for_a_call(self) -> None:
+        """Until a hook call in flight finishes, or :meth:`stop` is called."""
+        waiters: set[asyncio.Future[Any]] = set(self._inflight)
+        if self._stop_waiter is not None:
+            waiters.add(self._stop_waiter)
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
 
     async def _wait_for_slots(self) -> int:
         """Nearly saturated: let a few more calls finish, briefly, so one acquire serves many.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -85,6 +86,34 @@ async def test_stop_after_the_grace_period_leaves_the_task_for_a_retry(
     stored = await store.get_task(task.id)
     assert stored is not None and (stored.status, stored.retry_count) == ("PENDING", 1)
     assert stored.due > stored.modified, "still leased: retried once the lease runs out"
+
+
+@pytest.mark.ntorque_env(NTORQUE_SHUTDOWN_GRACE="0.5", NTORQUE_WORKER_CONCURRENCY="2")
+async def test_stop_with_every_slot_busy_still_ends_within_the_grace_period(
+    settings: Settings, store: Store, notifier: Notifier, hook_server: HookServer
+) -> None:
+    # Given a worker whose every slot holds a call that will take far longer than the grace
+    url = hook_server.script("/slow", Reply(delay_s=20))
+    tasks = await store.add_tasks([new_task(url, timeout=30) for _ in range(2)])
+    await notifier.notify([t.id for t in tasks])
+    hooks = AiohttpHookClient(settings)
+    worker = Worker(settings, store, notifier, hooks)
+    running = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: hook_server.count("/slow") == 2, timeout_s=10, message="calls")
+        # When it is told to stop (SIGTERM)
+        stopped_at = time.monotonic()
+        worker.stop()
+        async with asyncio.timeout(10):
+            await running
+        # Then it cuts the calls short after the grace period, not after a call ends
+        assert time.monotonic() - stopped_at < 0.5 + 2
+    finally:
+        running.cancel()
+        await hooks.close()
+    for task in tasks:
+        stored = await store.get_task(task.id)
+        assert stored is not None and (stored.status, stored.retry_count) == ("PENDING", 1)
 
 
 def _sample(name: str, **labels: str) -> float:
