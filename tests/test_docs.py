@@ -95,3 +95,16 @@ def test_app_json_env_follows_herokus_schema() -> None:
         assert "\n" not in spec["description"], f"{name}: a one-line description"
         assert spec.get("required") is False, f"{name}: every variable has a default"
         assert isinstance(spec.get("value", ""), str), f"{name}: values are strings"
+
+
+def test_runtime_txt_asks_for_a_python_the_heroku_buildpack_installs() -> None:
+    # The buildpack installs the latest patch release of a major version given as
+    # python-3.N; an exact python-3.N.M only if that release was built for the app's stack,
+    # and releases older than a stack are not built for it (python-3.11.7, of 2023, on
+    # Heroku-24, of 2024): the build fails. A pinned patch also misses security fixes.
+    text = (ROOT / "runtime.txt").read_text()
+    match = re.fullmatch(r"python-3\.(\d+)\n?", text)
+    assert match, f"runtime.txt must be python-3.N (the major version only), not {text!r}"
+    assert int(match.group(1)) >= 10, "the buildpack no longer supports Python before 3.10"
+    requires = re.search(r'requires-python = ">=3\.(\d+)"', (ROOT / "pyproject.toml").read_text())
+    assert requires and int(match.group(1)) >= int(requires.group(1))
