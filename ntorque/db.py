@@ -47,7 +47,9 @@ def create_engine(settings: Settings) -> AsyncEngine:
         kwargs["pool_timeout"] = settings.pool_timeout_s or settings.db_timeout_s
         if settings.pool_recycle_s is not None:
             kwargs["pool_recycle"] = settings.pool_recycle_s
-    return create_async_engine(settings.database_url, **kwargs)
+    engine = create_async_engine(settings.database_url, **kwargs)
+    _configure_postgres(engine)
+    return engine
 
 
 def asyncpg_connect_args(settings: Settings) -> dict[str, Any]:
@@ -71,6 +73,17 @@ def asyncpg_connect_args(settings: Settings) -> dict[str, Any]:
             connect_args[key] = value
     connect_args["server_settings"] = server_settings
     return connect_args
+
+
+def _configure_postgres(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "checkout")
+    def on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        # After a PostgreSQL restart every pooled connection is closed, and asyncpg knows it
+        # without a round trip. Replace them all now, before a statement fails on one and a
+        # request answers 503 although the database is back (pre-ping would cost a round
+        # trip per checkout).
+        if dbapi_connection.driver_connection.is_closed():
+            raise sa.exc.InvalidatePoolError("the pooled connection was closed")
 
 
 def _configure_sqlite(engine: AsyncEngine, settings: Settings) -> None:

@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
+import os
+import shutil
 import signal
-from collections.abc import AsyncIterator
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -257,3 +262,100 @@ async def test_postgres_black_hole_web_answers_503_json_within_the_db_timeout(
         web = next(p for p in processes.started if p.name == "web")
         assert await processes.stop(web) in (0, -signal.SIGTERM)
         await wait_output(web, "Application shutdown complete", timeout_s=1)
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of this test's own on a free port, to stop and start at will.
+
+    The shared server is never stopped. As root (CI), the server runs as ``postgres``:
+    initdb refuses to run as root.
+    """
+
+    def __init__(self) -> None:
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        initdb = found[-1] if found else shutil.which("initdb")
+        assert initdb, "initdb not found: install the PostgreSQL server package"
+        self.bin = Path(initdb).parent
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="ntorque-private-pg-"))
+        self.data = self.dir / "data"
+        self.url = f"postgres://postgres@127.0.0.1:{self.port}/postgres"
+        self._as_user: list[str] = []
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "postgres")
+            self._as_user = ["runuser", "-u", "postgres", "--"]
+
+    def _run(self, *args: str) -> None:
+        done = subprocess.run(
+            [*self._as_user, *args], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert done.returncode == 0, f"{args}: {done.stdout}{done.stderr}"
+
+    def init(self) -> None:
+        self._run(
+            str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-N"
+        )
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        log = str(self.dir / "server.log")
+        pg_ctl = str(self.bin / "pg_ctl")
+        self._run(pg_ctl, "-D", str(self.data), "-o", options, "-l", log, "-w", "-t", "30", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def remove(self) -> None:
+        pg_ctl = str(self.bin / "pg_ctl")
+        subprocess.run(
+            [*self._as_user, pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "stop"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    server = PrivatePostgres()
+    try:
+        server.init()
+        server.start()
+        yield server
+    finally:
+        server.remove()
+
+
+async def migrated_env(
+    processes: Processes, server: PrivatePostgres, tmp_path: Path, **extra: str
+) -> tuple[dict[str, str], str]:
+    """The dyno environment on the private server, after the release phase; and an API key."""
+    env = base_env(tmp_path, DATABASE_URL=server.url, NTORQUE_DB_TIMEOUT="2", **extra)
+    release = await processes.run("release", processes.procfile["release"], env)
+    assert release.returncode == 0, release.output()
+    return env, await create_app(processes, env)
+
+
+@pytest.mark.postgres  # a private PostgreSQL server
+@pytest.mark.slow
+async def test_postgres_restarted_the_first_requests_after_it_is_back_succeed(
+    processes: Processes, private_postgres: PrivatePostgres, tmp_path: Path
+) -> None:
+    """Connections pooled before the restart are closed: none may turn into a 503."""
+    env, key = await migrated_env(processes, private_postgres, tmp_path)
+    api = Api(await start_web(processes, env), key)
+    try:
+        task_id = await api.enqueue("http://127.0.0.1:9/hook")  # the pools hold connections
+
+        private_postgres.stop()
+        private_postgres.start()
+
+        # Every route that reads through the pool, right away: 200, 201, never 503.
+        assert (await api.task(task_id))["id"] == task_id
+        response = await api.client.post(f"/tasks/{task_id}/push")
+        assert response.status_code == 201, response.text
+        await api.enqueue("http://127.0.0.1:9/hook")
+    finally:
+        await api.close()
+
