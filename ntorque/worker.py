@@ -22,6 +22,8 @@ logger = logging.getLogger("ntorque.worker")
 
 # After a database or Redis error, wait this long before trying again.
 ERROR_PAUSE_S = 1.0
+# An outcome the database cannot take is tried again every ERROR_PAUSE_S until the
+# attempt's lease runs out, and at least this many times.
 RECORD_ATTEMPTS = 3
 # When nearly every slot is busy, wait at most this long for a quarter of them to free up.
 SLOT_WAIT_S = 0.005
@@ -191,7 +193,7 @@ class Worker:
             result.status_code,
             outcome.status,
         )
-        await self._record(outcome)
+        await self._record(outcome, lease_end=task.due)
         if outcome.status == COMPLETED:
             metrics.TASKS_COMPLETED.inc()
         elif outcome.status == FAILED:
@@ -218,21 +220,32 @@ class Worker:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, result.error))
             return result
 
-    async def _record(self, outcome: Outcome) -> None:
-        for attempt in range(RECORD_ATTEMPTS):
+    async def _record(self, outcome: Outcome, lease_end: float) -> None:
+        """Write ``outcome``, retrying while the database is unavailable, until the lease ends.
+
+        A PostgreSQL restart or failover takes longer than a few tries: given up on, the
+        outcome would be lost, the hook called again, and a last attempt that succeeded
+        failed by the clock when its lease ran out.
+        """
+        tries = 0
+        while True:
+            tries += 1
             try:
                 await self._recorder.submit(outcome)
                 return
             except connection_errors() as exc:
-                logger.error(
-                    "action=record_outcome task_id=%s failed (try %d): %s",
-                    outcome.task_id,
-                    attempt + 1,
-                    exc,
-                )
-                await asyncio.sleep(ERROR_PAUSE_S)
+                if tries == 1:
+                    logger.error(
+                        "action=record_outcome task_id=%s failed, retrying until the lease"
+                        " ends: %s",
+                        outcome.task_id,
+                        exc,
+                    )
+            if tries >= RECORD_ATTEMPTS and time.time() + ERROR_PAUSE_S >= lease_end:
+                break
+            await asyncio.sleep(ERROR_PAUSE_S)
         # The lease will run out and the task will be tried again: at least once holds.
-        logger.error("action=record_outcome task_id=%s gave up", outcome.task_id)
+        logger.error("action=record_outcome task_id=%s gave up (try %d)", outcome.task_id, tries)
 
     async def _flush_outcomes(self, outcomes: list[Outcome]) -> list[None]:
         recorded = await self.store.record(outcomes)

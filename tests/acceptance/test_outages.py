@@ -35,6 +35,7 @@ from tests.acceptance.harness import (
     heroku_database_url,
     start_role,
     start_web,
+    wait_for,
     wait_output,
 )
 
@@ -359,3 +360,38 @@ async def test_postgres_restarted_the_first_requests_after_it_is_back_succeed(
     finally:
         await api.close()
 
+
+@pytest.mark.postgres  # a private PostgreSQL server
+@pytest.mark.slow
+async def test_postgres_down_while_a_hook_answers_the_outcome_is_recorded_once_it_is_back(
+    processes: Processes, hook: HookServer, private_postgres: PrivatePostgres, tmp_path: Path
+) -> None:
+    """The answer is kept and written when the database returns, not thrown away.
+
+    One attempt only: an outcome given up on would leave the task to the clock, which
+    fails it once the lease (the 30 s timeout) runs out, although the hook answered 200.
+    """
+    env, key = await migrated_env(
+        processes,
+        private_postgres,
+        tmp_path,
+        NTORQUE_MAX_RETRIES="0",
+        NTORQUE_DEFAULT_TIMEOUT="30",
+    )
+    api = Api(await start_web(processes, env), key)
+    try:
+        await start_role(processes, "worker", env, "worker")
+        await start_role(processes, "clock", env, "clock")
+        ids = await api.enqueue_many(hook.url + "/slow/1000", 3)
+        await wait_for(lambda: len(hook.deliveries) == 3, 10, "the three hook calls")
+
+        private_postgres.stop()
+        # Down well past the hook's answer and a few of the worker's retries.
+        await asyncio.sleep(6)
+        private_postgres.start()
+
+        done = await api.wait_status(ids, "COMPLETED", timeout_s=15)
+    finally:
+        await api.close()
+    assert all(task["last_status_code"] == 200 for task in done.values())
+    assert [hook.count(task_id) for task_id in ids] == [1, 1, 1]
