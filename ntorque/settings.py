@@ -242,6 +242,7 @@ class Settings:
     db_timeout_s: float = 5
     auto_migrate: bool = True
     max_body_bytes: int = 1024 * 1024
+    body_timeout_s: float = 30
     max_url_length: int = 2048
     max_passthrough_headers: int = 32
     worker_concurrency: int = 100
@@ -321,6 +322,7 @@ class Settings:
         read("NTORQUE_DB_TIMEOUT", "db_timeout_s", _float_range(0.1, MAX_SECONDS))
         read("NTORQUE_AUTO_MIGRATE", "auto_migrate", _bool)
         read("NTORQUE_MAX_BODY_BYTES", "max_body_bytes", _int_range(0))
+        read("NTORQUE_BODY_TIMEOUT", "body_timeout_s", _float_range(0.1, MAX_SECONDS))
         read("NTORQUE_MAX_URL_LENGTH", "max_url_length", _int_range(16, 65536))
         read("NTORQUE_MAX_PASSTHROUGH_HEADERS", "max_passthrough_headers", _int_range(0, 1000))
         read("NTORQUE_WORKER_CONCURRENCY", "worker_concurrency", _int_range(1, 10_000))
@@ -397,6 +399,7 @@ KNOWN_VARIABLES = frozenset(
         "NTORQUE_DB_TIMEOUT",
         "NTORQUE_AUTO_MIGRATE",
         "NTORQUE_MAX_BODY_BYTES",
+        "NTORQUE_BODY_TIMEOUT",
         "NTORQUE_MAX_URL_LENGTH",
         "NTORQUE_MAX_PASSTHROUGH_HEADERS",
         "NTORQUE_WORKER_CONCURRENCY",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass
 from urllib.parse import unquote_plus, unquote_to_bytes
@@ -181,8 +182,12 @@ def _utf8(raw: bytes) -> str | None:
         return None
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes ``limit`` (never buffered whole)."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, refused with 413 as soon as it passes ``limit`` (never buffered whole).
+
+    A body still incomplete after ``timeout_s`` is refused with 408: a client that stalls
+    mid-body would otherwise hold its connection (and this request) open for ever.
+    """
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -192,13 +197,20 @@ async def read_body(request: Request, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise BadRequest(f"the body is larger than {limit} bytes", "body_too_large", 413)
-            chunks.append(chunk)
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise BadRequest(
+                        f"the body is larger than {limit} bytes", "body_too_large", 413
+                    )
+                chunks.append(chunk)
     except ClientDisconnect:
         raise BadRequest(
             "the client went away before the body arrived", "client_disconnect"
+        ) from None
+    except TimeoutError:
+        raise BadRequest(
+            f"the body did not arrive within {timeout_s:g} seconds", "body_timeout", 408
         ) from None
     return b"".join(chunks)

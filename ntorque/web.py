@@ -169,7 +169,7 @@ async def enqueue(request: Request) -> Response:
     api = _api(request)
     app = await api.authenticate(request)
     spec = task_from_request(request, api.settings)
-    body = await read_body(request, api.settings.max_body_bytes)
+    body = await read_body(request, api.settings.max_body_bytes, api.settings.body_timeout_s)
 
     def new_task(trace_context: str | None) -> NewTask:
         return NewTask(
@@ -281,7 +281,9 @@ async def _api_error(request: Request, exc: Exception) -> Response:
 async def _bad_request(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, BadRequest)
     metrics.ENQUEUE_REJECTED.labels(reason=exc.code).inc()
-    return error_response(exc.status, exc.message, exc.code)
+    # The rest of a stalled body may never come: close rather than wait for it.
+    headers = {"Connection": "close"} if exc.status == 408 else {}
+    return error_response(exc.status, exc.message, exc.code, **headers)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

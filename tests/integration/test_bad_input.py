@@ -256,6 +256,35 @@ async def test_declared_length_over_the_limit_is_refused_before_reading(
     assert await count_tasks(store) == 0
 
 
+@pytest.mark.ntorque_env(NTORQUE_BODY_TIMEOUT="1")
+async def test_a_body_that_stalls_is_refused_and_its_connection_closed(
+    settings: Settings, store: Store, notifier: Notifier
+) -> None:
+    _, key = await store.create_app("stalled")
+    async with serve_app(settings, store, notifier) as base:
+        host, _, port = base.removeprefix("http://").partition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        # Given a request that declares 100 bytes, sends 10 and then stalls,
+        writer.write(
+            (
+                f"POST {q(HOOK)} HTTP/1.1\r\nHost: {host}\r\nNTORQUE_API_KEY: {key}\r\n"
+                "Content-Length: 100\r\n\r\n" + "x" * 10
+            ).encode()
+        )
+        await writer.drain()
+        # then it is answered 408 and the connection is closed (read() reaches EOF).
+        try:
+            async with asyncio.timeout(15):
+                data = await reader.read()
+        finally:
+            writer.close()
+    response = parse_response(data)
+    assert response.status == 408
+    assert response.headers["connection"] == "close"
+    assert response.json()["code"] == "body_timeout"
+    assert await count_tasks(store) == 0
+
+
 LONG_NAME = ".".join(["a" * 63] * 3 + ["b" * 61])  # 253 characters, the most DNS allows
 
 MALFORMED_HOSTS = [
