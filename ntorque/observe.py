@@ -258,8 +258,47 @@ def publish_ttl_s(settings: Settings) -> float:
     return 3 * settings.metrics_publish_interval_s + 1
 
 
+# Publish unless the entry under this name is a newer process's: the old and the new
+# process of a restarted dyno would otherwise take turns, and each turn back to the old,
+# higher counts reads to rate() as a counter reset, adding the old totals once more.
+# KEYS: entry, index. ARGV: entry, ttl_ms, started, instance, now, expires_at.
+_PUBLISH_LUA = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ok, entry = pcall(cjson.decode, current)
+  if ok and type(entry) == 'table' and tonumber(entry.started)
+      and tonumber(entry.started) > tonumber(ARGV[3]) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[6], ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+# Withdraw only this process's own entry, never the one of its successor under the name.
+# KEYS: entry, index. ARGV: process, instance.
+_WITHDRAW_LUA = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ok, entry = pcall(cjson.decode, current)
+  if ok and type(entry) == 'table' and entry.process ~= nil and entry.process ~= ARGV[1] then
+    return 0
+  end
+end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[2])
+return 1
+"""
+
+
 class Publisher:
-    """Writes this process's exposition to Redis every NTORQUE_METRICS_PUBLISH_INTERVAL."""
+    """Writes this process's exposition to Redis every NTORQUE_METRICS_PUBLISH_INTERVAL.
+
+    A dyno restarted under the same name supersedes its old process in the cluster view as
+    soon as it publishes: counters go back once (a reset rate() handles), not to and fro.
+    """
 
     def __init__(self, settings: Settings, role: str) -> None:
         from .notify import redis_client
@@ -269,7 +308,13 @@ class Publisher:
         self.instance = instance_name()
         self.index = index_key(settings)
         self.key = f"{self.index}:{self.instance}"
+        # Who wrote an entry and when it started: a restarted dyno keeps its name, and
+        # for a while the old process (its grace period, preboot) runs beside the new one.
+        self.started = time.time()
+        self.process = f"{socket.gethostname()}-{os.getpid()}-{self.started!r}"
         self._client = redis_client(settings, socket_timeout=5)
+        self._publish = self._client.register_script(_PUBLISH_LUA)
+        self._withdraw = self._client.register_script(_WITHDRAW_LUA)
         self._failing = False
         self._stopping = asyncio.Event()
 
@@ -281,13 +326,18 @@ class Publisher:
         body, _ = exposition()
         ttl = publish_ttl_s(self.settings)
         now = time.time()
-        entry = {"instance": self.instance, "role": self.role, "at": now, "text": body.decode()}
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.set(self.key, json.dumps(entry), px=int(ttl * 1000))
-            pipe.zadd(self.index, {self.instance: now + ttl})
-            pipe.zremrangebyscore(self.index, "-inf", now)
-            pipe.pexpire(self.index, int(ttl * 1000))
-            await pipe.execute()
+        entry = {
+            "instance": self.instance,
+            "role": self.role,
+            "at": now,
+            "started": self.started,
+            "process": self.process,
+            "text": body.decode(),
+        }
+        await self._publish(
+            keys=[self.key, self.index],
+            args=[json.dumps(entry), int(ttl * 1000), self.started, self.instance, now, now + ttl],
+        )
 
     async def run(self) -> None:
         from redis.exceptions import RedisError
@@ -310,8 +360,9 @@ class Publisher:
 
         with contextlib.suppress(RedisError, OSError):
             async with asyncio.timeout(2):
-                await self._client.delete(self.key)
-                await self._client.zrem(self.index, self.instance)
+                await self._withdraw(
+                    keys=[self.key, self.index], args=[self.process, self.instance]
+                )
         await self._client.aclose()
 
 
