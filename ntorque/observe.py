@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -42,6 +43,8 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 INSTANCE_ENV = "_NTORQUE_METRICS_INSTANCE"
 # How often the uvicorn workers refresh their process_* gauges in multiprocess mode.
 PROCESS_STATS_INTERVAL_S = 5.0
+# prometheus-client's files of gauges that count only while their process lives.
+_LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db")
 
 # The role whose families this process exports; None (tests, bare create_app): all.
 _role: str | None = None
@@ -154,6 +157,32 @@ class _ProcessStats:
         if cpu is not None and cpu > self._cpu_seen:
             self.cpu.inc(cpu - self._cpu_seen)
             self._cpu_seen = cpu
+        _forget_dead_workers()
+
+
+def _forget_dead_workers() -> None:
+    """Drop the live gauges of uvicorn workers that died without a clean stop.
+
+    uvicorn replaces a crashed worker; without this, its last memory, file descriptors and
+    start time would stay in /metrics, under its pid, until the web process restarts.
+    """
+    from prometheus_client import multiprocess as mp
+
+    directory = os.environ.get(MULTIPROC_ENV, "")
+    dead: set[int] = set()
+    for name in os.listdir(directory):
+        match = _LIVE_GAUGE_FILE.fullmatch(name)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            dead.add(pid)
+        except PermissionError:
+            pass  # alive, someone else's
+    for pid in dead:
+        mp.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
 
 
 class WebMetrics:

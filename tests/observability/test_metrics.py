@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -283,3 +285,51 @@ def test_labels_are_bounded() -> None:
         "4xx",
         "5xx",
     ]
+
+
+async def test_a_crashed_uvicorn_worker_leaves_no_process_series(tmp_path: Path) -> None:
+    # Given `ntorque web` with two uvicorn workers,
+    port = support.free_port()
+    env = _env(
+        tmp_path,
+        PORT=str(port),
+        WEB_CONCURRENCY="2",
+        NTORQUE_SQLITE_PATH=str(tmp_path / "web.sqlite3"),
+        NTORQUE_AUTHENTICATE="false",
+    )
+    procs = {"web": start(["bash", "-c", "ntorque web"], env, tmp_path, tmp_path / "web.log")}
+    base = f"http://127.0.0.1:{port}"
+
+    async def pids() -> set[str]:
+        expo = await scrape(api, "/metrics")
+        return {ls["pid"] for ls in expo.labelsets("process_resident_memory_bytes")}
+
+    try:
+        # A new connection per request: a kept-alive one may belong to the worker killed.
+        no_keepalive = httpx.Limits(max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=base, timeout=10, limits=no_keepalive) as api:
+            await support.wait_until(lambda: _answers(base), 30, 0.1)
+            before = await support.wait_until(
+                lambda: _when(pids(), lambda p: len(p) == 2), 30, 0.2, "two uvicorn workers"
+            )
+            # when one of them dies without a clean stop and uvicorn replaces it,
+            dead = sorted(before)[0]
+            os.kill(int(dead), signal.SIGKILL)
+            # then its memory, descriptors and start time leave /metrics (the live
+            # worker sweeps every few seconds): no ghost process on the dashboards.
+            after = await support.wait_until(
+                lambda: _when(pids(), lambda p: len(p) == 2 and dead not in p),
+                30,
+                0.2,
+                "the dead worker's series to go",
+            )
+            expo = await scrape(api, "/metrics")
+            for family in ("process_open_fds", "process_start_time_seconds"):
+                assert {ls["pid"] for ls in expo.labelsets(family)} == after, family
+    finally:
+        stop_all(procs)
+
+
+async def _when(value: Awaitable[set[str]], ok: Callable[[set[str]], bool]) -> set[str] | None:
+    got = await value
+    return got if ok(got) else None
