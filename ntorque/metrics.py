@@ -170,6 +170,7 @@ ROLE_FAMILIES: dict[str, frozenset[str]] = {
             "ntorque_cleaned_up",
             "ntorque_exhausted",
             "ntorque_tasks_failed",
+            "ntorque_task_duration_seconds",
             "ntorque_notify_failures",
             "ntorque_process_info",
         }

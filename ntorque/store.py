@@ -536,8 +536,11 @@ class Store:
         async with self.engine.connect() as conn:
             return [(r.due, r.id) for r in await conn.execute(query)]
 
-    async def fail_exhausted(self, now: float | None = None) -> int:
-        """Fail tasks whose last allowed attempt's lease ran out with no outcome recorded."""
+    async def fail_exhausted(self, now: float | None = None) -> list[float]:
+        """Fail tasks whose last allowed attempt's lease ran out with no outcome recorded.
+
+        Returns when each failed task was created, for the enqueue-to-outcome histogram.
+        """
         now = time.time() if now is None else now
         async with self.engine.begin() as conn:
             result = await conn.execute(
@@ -552,8 +555,9 @@ class Store:
                     modified=now,
                     last_error="the last attempt's lease expired without an answer",
                 )
+                .returning(tasks.c.created)
             )
-        return int(result.rowcount)
+            return [row.created for row in result]
 
     async def cleanup(self, older_than: float, batch: int) -> int:
         """Delete up to ``batch`` finished tasks last modified before ``older_than``."""

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import sqlalchemy as sa
+from prometheus_client import REGISTRY
 
 from ntorque.clock import Clock
 from ntorque.notify import Notifier
@@ -109,11 +110,23 @@ async def test_tick_fails_exhausted_tasks(
     for _ in range(2):
         [taken] = await store.acquire([task.id], now=now)
         now = taken.due + 0.01
-    await set_rows(store, [task.id], due=time.time() - 1)
+    await set_rows(store, [task.id], due=time.time() - 1, created=time.time() - 3600)
+    observed = failed_durations()
     await Clock(settings, store, notifier).tick()
     stored = await store.get_task(task.id)
     assert stored is not None and stored.status == "FAILED"
     assert await notifier.pending() == 0, "an exhausted task is not rung for"
+    # Its enqueue-to-outcome time counts, or the failed tasks' latency would read low.
+    count, total = failed_durations()
+    assert count == observed[0] + 1
+    assert 3599 < total - observed[1] < 3700
+
+
+def failed_durations() -> tuple[float, float]:
+    labels = {"status": "failed"}
+    count = REGISTRY.get_sample_value("ntorque_task_duration_seconds_count", labels)
+    total = REGISTRY.get_sample_value("ntorque_task_duration_seconds_sum", labels)
+    return count or 0.0, total or 0.0
 
 
 @pytest.mark.parametrize("backend", ["sqlite-poll"], indirect=True)

@@ -182,10 +182,10 @@ async def test_exhausted_tasks_are_not_acquired_but_failed(store: Store) -> None
         now = taken.due + 0.01
     assert await store.acquire([task.id], now=now) == []
     assert await store.due_ids(10, now=now) == []
-    assert await store.fail_exhausted(now=now) == 1
+    assert await store.fail_exhausted(now=now) == [task.created]
     stored = await store.get_task(task.id)
     assert stored is not None and stored.status == "FAILED" and stored.last_error
-    assert await store.fail_exhausted(now=now) == 0
+    assert await store.fail_exhausted(now=now) == []
 
 
 async def test_fail_exhausted_leaves_running_leases_alone(store: Store) -> None:
@@ -195,7 +195,7 @@ async def test_fail_exhausted_leaves_running_leases_alone(store: Store) -> None:
         [taken] = await store.acquire([task.id], now=now)
         now = taken.due + 0.01
     # The third attempt's lease is still running: it may yet answer.
-    assert await store.fail_exhausted(now=now - 30) == 0
+    assert await store.fail_exhausted(now=now - 30) == []
 
 
 async def test_due_ids_are_in_due_order_and_page(store: Store) -> None:
