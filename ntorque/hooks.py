@@ -171,6 +171,9 @@ class AiohttpHookClient:
                     duration_s=time.perf_counter() - started,
                     body_prefix=prefix,
                 )
+        except aiohttp.ClientResponseError as exc:
+            # Raised by the response parser (no status was read): its message, one line.
+            return _error(started, f"invalid response: {' '.join(exc.message.split())}")
         except TooManyRedirects:
             return _error(started, "too many redirects", permanent=True)
         except aiohttp.InvalidURL as exc:

@@ -1,0 +1,75 @@
+"""Hooks that break HTTP: raw socket servers on 127.0.0.1, the real worker and stores."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from ntorque.notify import Notifier
+from ntorque.settings import Settings
+from ntorque.store import Store
+from tests.support import new_task, run_until_settled
+
+pytestmark = pytest.mark.ntorque_env(NTORQUE_MAX_RETRIES="2")
+
+# Answers one request on a connection: given the request's number on that connection
+# (1, 2, …) and the writer; returns whether to keep the connection for another request.
+Answer = Callable[[int, asyncio.StreamWriter], Awaitable[bool]]
+
+
+@contextlib.asynccontextmanager
+async def raw_hook(answer: Answer) -> AsyncIterator[tuple[str, list[int]]]:
+    """A raw HTTP/1.1 server: (its URL, the per-connection number of every request)."""
+    requests: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            for number in range(1, 100):
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                await reader.readexactly(length)
+                requests.append(number)
+                if not await answer(number, writer):
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/hook", requests
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_an_unparseable_answer_is_retried_with_a_one_line_error(
+    settings: Settings, store: Store, notifier: Notifier
+) -> None:
+    # Given a hook whose server answers something that is not HTTP
+    async def garbage(number: int, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"THIS IS NOT HTTP\r\n\r\n")
+        await writer.drain()
+        return False
+
+    async with raw_hook(garbage) as (url, requests):
+        [task] = await store.add_tasks([new_task(url)])
+        await run_until_settled(settings, store, notifier, [task.id])
+    # Then it is retried as a network error, and the error says what happened in one line,
+    # without a status code the hook never sent
+    done = await store.get_task(task.id)
+    assert done is not None
+    assert (done.status, done.retry_count, done.last_status) == ("FAILED", 3, None)
+    assert done.last_error is not None
+    assert done.last_error.startswith("invalid response: Bad status line")
+    assert "\n" not in done.last_error and "400" not in done.last_error
+    assert len(requests) == 3
