@@ -42,6 +42,12 @@ REDIRECTS = frozenset({301, 302, 303, 307, 308})
 CREDENTIAL_HEADERS = ("Authorization", "Cookie", "Proxy-Authorization")
 # The task's timeout bounds the whole call (asyncio.timeout): no per-request limits.
 NO_CLIENT_TIMEOUT = aiohttp.ClientTimeout()
+# A pooled keep-alive connection the hook's server closed as it was reused breaks before
+# any answer. aiohttp sends an idempotent method (aiohttp.client.IDEMPOTENT_METHODS) once
+# more on a fresh connection; hooks are idempotent by contract, so the hook client does the
+# same for POST and PATCH rather than spend an attempt (and a backoff) on the race with the
+# server's keep-alive timeout.
+RESENT_BY_AIOHTTP = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,15 +200,24 @@ class AiohttpHookClient:
         url: str | yarl.URL = task.url
         skip = ("Content-Type",) if not task.content_type else ()
         for redirects in range(self.settings.max_redirects + 1):
-            response = await session.request(
-                method,
-                url,
-                data=body,
-                headers=headers,
-                skip_auto_headers=skip,
-                timeout=NO_CLIENT_TIMEOUT,
-                allow_redirects=False,
-            )
+            resend = method not in RESENT_BY_AIOHTTP
+            while True:
+                try:
+                    response = await session.request(
+                        method,
+                        url,
+                        data=body,
+                        headers=headers,
+                        skip_auto_headers=skip,
+                        timeout=NO_CLIENT_TIMEOUT,
+                        allow_redirects=False,
+                    )
+                    break
+                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                    # Not a failure to connect: the connection broke before an answer.
+                    if not resend or isinstance(exc, aiohttp.ClientConnectorError):
+                        raise
+                    resend = False
             location = response.headers.get("Location")
             if response.status not in REDIRECTS or location is None:
                 return response

@@ -11,9 +11,11 @@ import pytest
 from ntorque.notify import Notifier
 from ntorque.settings import Settings
 from ntorque.store import Store
-from tests.support import new_task, run_until_settled
+from tests.support import new_task, run_until_settled, wait_until, worker_running
 
 pytestmark = pytest.mark.ntorque_env(NTORQUE_MAX_RETRIES="2")
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 # Answers one request on a connection: given the request's number on that connection
 # (1, 2, …) and the writer; returns whether to keep the connection for another request.
@@ -73,3 +75,39 @@ async def test_an_unparseable_answer_is_retried_with_a_one_line_error(
     assert done.last_error.startswith("invalid response: Bad status line")
     assert "\n" not in done.last_error and "400" not in done.last_error
     assert len(requests) == 3
+
+
+@pytest.mark.parametrize("method", ["POST", "PATCH", "PUT"])
+@pytest.mark.ntorque_env(NTORQUE_MAX_RETRIES="0")
+async def test_a_keep_alive_connection_closed_by_the_hook_costs_no_attempt(
+    settings: Settings, store: Store, notifier: Notifier, method: str
+) -> None:
+    # Given a hook server that keeps a connection open after its answer, and closes it
+    # when the next request arrives on it (its keep-alive timeout, at that very moment)
+    async def first_only(number: int, writer: asyncio.StreamWriter) -> bool:
+        if number > 1:
+            return False
+        writer.write(OK)
+        await writer.drain()
+        return True
+
+    async with raw_hook(first_only) as (url, requests), worker_running(settings, store, notifier):
+        tasks = []
+        for _ in range(2):
+            # When two tasks are delivered one after the other (the second on the pooled
+            # connection)
+            [task] = await store.add_tasks([new_task(url, method=method)])
+            await notifier.notify([task.id])
+            tasks.append(task.id)
+
+            async def settled(task_id: int = task.id) -> bool:
+                got = await store.get_task(task_id)
+                return got is not None and got.status != "PENDING"
+
+            await wait_until(settled, message=f"task {task.id} settled")
+    # Then the second is sent again on a fresh connection within its one attempt
+    for task_id in tasks:
+        done = await store.get_task(task_id)
+        assert done is not None
+        assert (done.status, done.retry_count, done.last_status) == ("COMPLETED", 1, 200)
+    assert requests == [1, 2, 1]
