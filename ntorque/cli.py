@@ -36,6 +36,25 @@ def _describe(settings: Settings) -> str:
     return f"store: {store}; notifications: {channel}"
 
 
+@contextlib.contextmanager
+def _one_shot(command: str) -> Iterator[None]:
+    """A one-shot command the database cannot serve ends with one line and exit 1."""
+    from .store import connection_errors
+
+    try:
+        yield
+    except connection_errors() as exc:
+        cause: BaseException = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        reason = str(cause).splitlines()[0] if str(cause) else "no answer in time"
+        print(
+            f"ntorque: {command} failed, database error: {type(cause).__name__}: {reason}",
+            file=sys.stderr,
+        )
+        raise SystemExit(1) from None
+
+
 def _use_uvloop() -> None:
     with contextlib.suppress(ImportError):
         import uvloop
@@ -296,7 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "migrate":
         from .db import upgrade
 
-        upgrade(settings)
+        with _one_shot("migrate"):
+            upgrade(settings)
         print(f"ntorque: schema is up to date ({_describe(settings)})", file=sys.stderr)
         return
     _use_uvloop()
@@ -311,12 +331,14 @@ def main(argv: list[str] | None = None) -> None:
         if not name or len(name) > 255:
             print("ntorque: --name must be 1 to 255 characters", file=sys.stderr)
             raise SystemExit(2)
-        key = asyncio.run(_create_app(settings, name))
+        with _one_shot("create-app"):
+            key = asyncio.run(_create_app(settings, name))
         print(f"created app {name!r}; its API key (shown once):", file=sys.stderr)
         print(key)
     else:
         active = args.command == "activate-app"
-        count = asyncio.run(_set_active(settings, args.name, active))
+        with _one_shot(args.command):
+            count = asyncio.run(_set_active(settings, args.name, active))
         if not count:
             print(f"ntorque: no app named {args.name!r}", file=sys.stderr)
             raise SystemExit(1)
