@@ -308,6 +308,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"ntorque: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     _setup_logging(settings)
+    if settings.is_sqlite:
+        from .db import check_sqlite_file
+
+        try:
+            check_sqlite_file(settings)
+        except SettingsError as exc:
+            print(f"ntorque: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
 
     if args.command == "web":
         _web(settings, args.host)

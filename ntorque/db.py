@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy import event, pool
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from .settings import Settings
+from .settings import Settings, SettingsError
 
 logger = logging.getLogger("ntorque.db")
 
@@ -73,6 +74,31 @@ def asyncpg_connect_args(settings: Settings) -> dict[str, Any]:
             connect_args[key] = value
     connect_args["server_settings"] = server_settings
     return connect_args
+
+
+def check_sqlite_file(settings: Settings) -> None:
+    """Make sure the embedded SQLite file can be created and written, before a role starts.
+
+    Raises :class:`SettingsError` naming the file, instead of a driver traceback later.
+    """
+    database = sa.make_url(settings.database_url).database
+    if not database or database == ":memory:":
+        return
+    path = Path(database)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        connection = sqlite3.connect(path, timeout=settings.db_timeout_s, isolation_level=None)
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("BEGIN IMMEDIATE")
+            connection.execute("ROLLBACK")
+        finally:
+            connection.close()
+    except (OSError, sqlite3.Error) as exc:
+        raise SettingsError(
+            f"NTORQUE_SQLITE_PATH: cannot create or write the SQLite file {path}: {exc}"
+            " (point NTORQUE_SQLITE_PATH at a file in a writable directory)"
+        ) from None
 
 
 def _configure_postgres(engine: AsyncEngine) -> None:

@@ -1,8 +1,9 @@
 """Start-up failures an operator can fix end with one line saying what is wrong, no traceback.
 
-The release phase against a database that is down and a one-off command against it: a
-non-zero exit within seconds and a message naming the cause, as a newcomer would want to
-read it in ``heroku releases:output`` or on a laptop's terminal.
+The release phase against a database that is down, a one-off command against it, and every
+command with an SQLite file it cannot create or write: a non-zero exit within seconds and a
+message naming the cause (and the variable), as a newcomer would want to read it in
+``heroku releases:output`` or on a laptop's terminal.
 """
 
 from __future__ import annotations
@@ -55,3 +56,32 @@ async def test_release_against_a_missing_database_names_it(
     assert_one_clean_message(
         release.output(), 'database "ntorque_no_such_database_here" does not exist'
     )
+
+
+@pytest.mark.parametrize("where", ["under a file", "a directory"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        "ntorque migrate",
+        "ntorque web",
+        "ntorque worker",
+        "ntorque clock",
+        "ntorque run",
+        "ntorque create-app --name x",
+    ],
+)
+async def test_an_sqlite_file_that_cannot_be_written_stops_every_command_naming_the_variable(
+    processes: Processes, tmp_path: Path, command: str, where: str
+) -> None:
+    # Given NTORQUE_SQLITE_PATH where no SQLite file can be created
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    path = blocker / "ntorque.sqlite3" if where == "under a file" else tmp_path
+    env = base_env(tmp_path, NTORQUE_SQLITE_PATH=str(path), PORT=str(free_port()))
+
+    # When a command starts
+    proc = await processes.run("cmd", command, env, timeout_s=COMMAND_TIMEOUT_S)
+
+    # Then it stops at once, naming the variable and the file
+    assert proc.returncode == 2, proc.output()
+    assert_one_clean_message(proc.output(), "NTORQUE_SQLITE_PATH", str(path))
