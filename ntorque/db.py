@@ -94,11 +94,20 @@ def check_sqlite_file(settings: Settings) -> None:
             connection.execute("ROLLBACK")
         finally:
             connection.close()
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc):
+            return  # writable, and busy with another process's write: it will wait its turn
+        raise _unusable(path, exc) from None
     except (OSError, sqlite3.Error) as exc:
-        raise SettingsError(
-            f"NTORQUE_SQLITE_PATH: cannot create or write the SQLite file {path}: {exc}"
-            " (point NTORQUE_SQLITE_PATH at a file in a writable directory)"
-        ) from None
+        raise _unusable(path, exc) from None
+
+
+def _unusable(path: Path, exc: Exception) -> SettingsError:
+    return SettingsError(
+        f"NTORQUE_SQLITE_PATH: cannot create or write the SQLite file {path}: {exc}"
+        " (point NTORQUE_SQLITE_PATH, or a sqlite:// DATABASE_URL, at a file in a writable"
+        " directory)"
+    )
 
 
 def _configure_postgres(engine: AsyncEngine) -> None:
