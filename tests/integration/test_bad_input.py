@@ -51,6 +51,22 @@ class Case:
     server_may_refuse: bool = False
 
 
+async def send_head(
+    base: str, key: str, headers: str, body: str = ""
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Open a raw connection to ``base`` and send a task request's head (and ``body``) by hand."""
+    host, _, port = base.removeprefix("http://").partition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        (
+            f"POST {q(HOOK)} HTTP/1.1\r\nHost: {host}\r\nNTORQUE_API_KEY: {key}\r\n"
+            f"{headers}\r\n{body}"
+        ).encode()
+    )
+    await writer.drain()
+    return reader, writer
+
+
 def passthrough(name: str, value: str = "v") -> list[tuple[str, str]]:
     return [(f"NTORQUE-PASSTHROUGH-{name}", value)]
 
@@ -184,13 +200,11 @@ async def test_chunked_body_over_the_limit_is_refused_while_streaming(
     total_chunks = 4096  # 64 MiB offered; the limit is 1000 bytes
     sent = 0
     async with serve_app(settings, store, notifier) as base:
-        host, _, port = base.removeprefix("http://").partition(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
-        head = (
-            f"POST {q(HOOK)} HTTP/1.1\r\nHost: {host}\r\nNTORQUE_API_KEY: {key}\r\n"
-            "Content-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        reader, writer = await send_head(
+            base,
+            key,
+            "Content-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n",
         )
-        writer.write(head.encode())
 
         async def stream() -> None:
             nonlocal sent
@@ -236,17 +250,9 @@ async def test_declared_length_over_the_limit_is_refused_before_reading(
 ) -> None:
     _, key = await store.create_app("declared")
     async with serve_app(settings, store, notifier) as base:
-        host, _, port = base.removeprefix("http://").partition(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
         # Declare 50 MB but send only the headers: a server that waited for the body
         # before checking would hang here.
-        writer.write(
-            (
-                f"POST {q(HOOK)} HTTP/1.1\r\nHost: {host}\r\nNTORQUE_API_KEY: {key}\r\n"
-                "Content-Length: 50000000\r\n\r\n"
-            ).encode()
-        )
-        await writer.drain()
+        reader, writer = await send_head(base, key, "Content-Length: 50000000\r\n")
         started = time.monotonic()
         async with asyncio.timeout(20):
             data = await reader.readuntil(b"\r\n\r\n")
@@ -262,16 +268,8 @@ async def test_a_body_that_stalls_is_refused_and_its_connection_closed(
 ) -> None:
     _, key = await store.create_app("stalled")
     async with serve_app(settings, store, notifier) as base:
-        host, _, port = base.removeprefix("http://").partition(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
         # Given a request that declares 100 bytes, sends 10 and then stalls,
-        writer.write(
-            (
-                f"POST {q(HOOK)} HTTP/1.1\r\nHost: {host}\r\nNTORQUE_API_KEY: {key}\r\n"
-                "Content-Length: 100\r\n\r\n" + "x" * 10
-            ).encode()
-        )
-        await writer.drain()
+        reader, writer = await send_head(base, key, "Content-Length: 100\r\n", "x" * 10)
         # then it is answered 408 and the connection is closed (read() reaches EOF).
         try:
             async with asyncio.timeout(15):
