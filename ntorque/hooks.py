@@ -32,6 +32,10 @@ Verdict = Literal["completed", "failed", "retry"]
 
 # Errors are stored for the API to show; a hook's whole error page is not useful there.
 MAX_ERROR_CHARS = 500
+# What a text column cannot hold: NUL (PostgreSQL) and lone surrogates (neither database;
+# aiohttp decodes a hook's non-UTF-8 header bytes, e.g. a Location, to surrogates). One
+# such error would fail the whole batch of outcomes it is recorded with.
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 # Redirects the hook client follows itself (aiohttp's own would turn a POST answered by 301
 # or 302 into a GET without its body: the hook would "succeed" without its payload). 303
 # See Other says the request was handled: its answer is fetched with a GET, as RFC 9110
@@ -108,8 +112,16 @@ def decide(
         status=status,
         due=due,
         status_code=result.status_code,
-        error=None if error is None else error[:MAX_ERROR_CHARS],
+        error=None if error is None else UNSTORABLE.sub(_escape, error)[:MAX_ERROR_CHARS],
     )
+
+
+def _escape(match: re.Match[str]) -> str:
+    """An unstorable character as an escape; a byte surrogateescape kept as ``\\xff``."""
+    code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def task_headers(task: Task, settings: Settings) -> list[tuple[str, str]]:

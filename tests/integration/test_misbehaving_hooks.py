@@ -111,3 +111,36 @@ async def test_a_keep_alive_connection_closed_by_the_hook_costs_no_attempt(
         assert done is not None
         assert (done.status, done.retry_count, done.last_status) == ("COMPLETED", 1, 200)
     assert requests == [1, 2, 1]
+
+
+@pytest.mark.ntorque_env(NTORQUE_MAX_RETRIES="0", NTORQUE_DEFAULT_TIMEOUT="2")
+async def test_an_error_naming_bytes_that_are_not_utf8_is_stored_with_the_other_outcomes(
+    settings: Settings, store: Store, notifier: Notifier
+) -> None:
+    # Given a hook redirecting to a Location of bytes that are not UTF-8 (aiohttp decodes
+    # them to lone surrogates, which neither PostgreSQL nor SQLite can store), among good
+    # hooks whose outcomes are recorded in the same batch
+    async def poison(number: int, writer: asyncio.StreamWriter) -> bool:
+        writer.write(
+            b"HTTP/1.1 302 Found\r\nLocation: ftp://a/\xff\xed\xa0\x80\r\nContent-Length: 0\r\n\r\n"
+        )
+        await writer.drain()
+        return False
+
+    async def good(number: int, writer: asyncio.StreamWriter) -> bool:
+        writer.write(OK)
+        await writer.drain()
+        return False
+
+    async with raw_hook(poison) as (bad_url, _), raw_hook(good) as (good_url, _):
+        added = await store.add_tasks([new_task(bad_url)] + [new_task(good_url)] * 20)
+        await run_until_settled(settings, store, notifier, [t.id for t in added], timeout_s=10)
+    # Then every outcome is recorded at the first attempt: the good hooks' tasks completed,
+    # the bad one failed with the bytes its error names escaped
+    done = [await store.get_task(t.id) for t in added]
+    assert all(t is not None and t.retry_count == 1 for t in done)
+    assert [t.status for t in done if t is not None] == ["FAILED"] + ["COMPLETED"] * 20
+    assert done[0] is not None
+    assert done[0].last_error == (
+        "invalid url: ftp://a/\\xff\\xed\\xa0\\x80 - redirect to a non-http(s) URL"
+    )
