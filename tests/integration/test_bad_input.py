@@ -283,6 +283,34 @@ async def test_a_body_that_stalls_is_refused_and_its_connection_closed(
     assert await count_tasks(store) == 0
 
 
+async def test_an_endless_request_head_is_refused_with_431(
+    settings: Settings, store: Store, notifier: Notifier
+) -> None:
+    async with serve_app(settings, store, notifier) as base:
+        host, _, port = base.removeprefix("http://").partition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        # Given a request whose one header never ends (the parser sets no limit),
+        writer.write(f"POST / HTTP/1.1\r\nHost: {host}\r\nX-Big: ".encode())
+        answer = asyncio.create_task(reader.read())
+        try:
+            async with asyncio.timeout(15):
+                for _ in range(64):  # 4 MiB at most
+                    if answer.done():
+                        break
+                    with contextlib.suppress(ConnectionError):
+                        writer.write(b"a" * 65536)
+                        await writer.drain()
+                    await asyncio.sleep(0.01)
+                # then it is answered 431 and the connection is closed long before the end.
+                data = await answer
+        finally:
+            writer.close()
+    response = parse_response(data)
+    assert response.status == 431
+    assert response.headers["connection"] == "close"
+    assert response.json()["code"] == "headers_too_large"
+
+
 LONG_NAME = ".".join(["a" * 63] * 3 + ["b" * 61])  # 253 characters, the most DNS allows
 
 MALFORMED_HOSTS = [
