@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 logger = logging.getLogger("ntorque.settings")
 
@@ -167,6 +167,24 @@ def _database_url_parameter(key: str, value: str, connect_args: dict[str, Any]) 
         )
 
 
+def _check_authority(parts: SplitResult) -> None:
+    """A URL's credentials and port, checked without quoting any part of them.
+
+    A password with an unencoded ``/``, ``?`` or ``#`` ends the URL's authority early: the
+    rest of the password would be read as the port, path or query, and a message quoting
+    those would print it.
+    """
+    if "@" not in parts.netloc and "@" in parts.path + parts.query + parts.fragment:
+        raise ValueError(
+            "the user name or password contains '/', '?' or '#': percent-encode them"
+            " (%2F, %3F, %23)"
+        )
+    try:
+        _ = parts.port
+    except ValueError:
+        raise ValueError("the port must be a number from 0 to 65535") from None
+
+
 def normalise_database_url(raw: str) -> tuple[str, dict[str, Any]]:
     """Turn a Heroku-style ``postgres://…?sslmode=…`` URL into one SQLAlchemy+asyncpg accept.
 
@@ -177,6 +195,7 @@ def normalise_database_url(raw: str) -> tuple[str, dict[str, Any]]:
     parts = urlsplit(raw.strip())
     scheme = parts.scheme.lower()
     if scheme in ("postgres", "postgresql", "postgresql+asyncpg"):
+        _check_authority(parts)
         connect_args: dict[str, Any] = {}
         # Split as libpq does: percent-decoding only ("+" stays a plus sign).
         for item in parts.query.split("&"):
@@ -188,7 +207,6 @@ def normalise_database_url(raw: str) -> tuple[str, dict[str, Any]]:
             _database_url_parameter(unquote(key), unquote(value), connect_args)
         if not connect_args.get("server_settings"):
             connect_args.pop("server_settings", None)
-        _ = parts.port  # a ValueError unless the port is a number from 0 to 65535
         # Not urlunsplit: it drops the "//" of a host-less URL (postgres:///ntorque, libpq's
         # local server), which SQLAlchemy then cannot parse.
         url = f"postgresql+asyncpg://{parts.netloc}{parts.path}"
@@ -201,8 +219,10 @@ def normalise_database_url(raw: str) -> tuple[str, dict[str, Any]]:
 
 def _redis_url(raw: str) -> str:
     value = raw.strip()
-    if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+    parts = urlsplit(value)
+    if parts.scheme not in ("redis", "rediss", "unix"):
         raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    _check_authority(parts)
     return value
 
 
@@ -271,14 +291,18 @@ class Settings:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
 
-        def read(name: str, field: str, cast: Callable[[str], Any]) -> None:
+        def read(
+            name: str, field: str, cast: Callable[[str], Any], *, secret: bool = False
+        ) -> None:
             raw = env.get(name)
             if raw is None or raw.strip() == "":
                 return
             try:
                 values[field] = cast(raw)
             except ValueError as exc:
-                raise SettingsError(f"{name}={raw!r}: {exc}") from None
+                # A secret's value (a URL with its password) is never printed.
+                shown = name if secret else f"{name}={raw!r}"
+                raise SettingsError(f"{shown}: {exc}") from None
 
         raw_db = env.get("DATABASE_URL", "").strip()
         if raw_db:
@@ -292,7 +316,7 @@ class Settings:
         values["database_url"] = url
         values["database_connect_args"] = connect_args
 
-        read("REDIS_URL", "redis_url", _redis_url)
+        read("REDIS_URL", "redis_url", _redis_url, secret=True)
         read("PORT", "port", _int_range(0, 65535))
         read("NTORQUE_BACKOFF", "backoff", _choice("exponential", "linear"))
         read("NTORQUE_CLEANUP_AFTER_DAYS", "cleanup_after_days", _float_range(0))

@@ -254,6 +254,25 @@ def test_secrets_stay_out_of_repr() -> None:
     assert "s3cret" not in repr(settings)
 
 
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        ("REDIS_URL", "http://:s3cret@h:6379"),
+        ("REDIS_URL", "redis://:s3cret@h:port"),
+        ("REDIS_URL", "redis://:s3cret/x@h:6379"),
+        ("DATABASE_URL", "postgres://u:s3cret/x@h:5432/d"),
+        ("DATABASE_URL", "postgres://u:s3cret#x@h:5432/d"),
+        ("DATABASE_URL", "postgres://u:x?s3cret@h:5432/d"),
+        ("DATABASE_URL", "postgres://u:s3cret@h:port/d"),
+    ],
+)
+def test_bad_urls_are_refused_without_printing_their_password(name: str, raw: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({name: raw})
+    assert str(info.value).startswith(f"{name}: ")
+    assert "s3cret" not in str(info.value)
+
+
 def test_unknown_ntorque_variables_are_warned_about(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="ntorque.settings"):
         Settings.from_env({"NTORQUE_MAX_RETIRES": "3"})
