@@ -25,7 +25,9 @@ _POOLS: dict[str, type[pool.Pool]] = {
 
 def create_engine(settings: Settings) -> AsyncEngine:
     """An async engine for ``settings.database_url`` with ntorque's pool and timeouts."""
-    kwargs: dict[str, Any] = {}
+    # A statement's error never quotes its parameters: they hold task bodies and passthrough
+    # headers (secrets, often), and the error is logged.
+    kwargs: dict[str, Any] = {"hide_parameters": True}
     if settings.is_sqlite:
         Path(sa.make_url(settings.database_url).database or "").parent.mkdir(
             parents=True, exist_ok=True

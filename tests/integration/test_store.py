@@ -239,3 +239,15 @@ async def test_backlog_counts_due_tasks(store: Store) -> None:
     backlog = await store.backlog(now=time.time() + 2)
     assert backlog.due == 3
     assert backlog.oldest_due_age_s >= 2
+
+
+async def test_a_failed_statement_does_not_quote_its_parameters(store: Store) -> None:
+    # Store errors are logged: their text must not carry task bodies or headers.
+    [task] = await store.add_tasks([new_task("http://h/x")])
+    with pytest.raises(sa.exc.DBAPIError) as info:
+        async with store.engine.begin() as conn:
+            await conn.execute(
+                sa.text("UPDATE tasks SET id = :other, body = :body WHERE id = :id"),
+                {"other": "not a number", "body": b"s3cret body", "id": task.id},
+            )
+    assert "s3cret" not in str(info.value)
