@@ -213,7 +213,7 @@ def _uvicorn_config(app: Any, settings: Settings, host: str) -> Any:
         log_level=settings.log_level.lower(),
         access_log=settings.development,
         proxy_headers=True,
-        forwarded_allow_ips="*",
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         lifespan="on",
         http=HTTP_PROTOCOL,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
@@ -252,7 +252,7 @@ def _web(settings: Settings, host: str) -> None:
         log_level=settings.log_level.lower(),
         access_log=settings.development,
         proxy_headers=True,
-        forwarded_allow_ips="*",
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         http=HTTP_PROTOCOL,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import os
 import re
@@ -96,6 +97,22 @@ def _header_name(raw: str) -> str:
         # It would never match a request's header: the https redirect would silently never happen.
         raise ValueError("must be an HTTP header name, such as X-Forwarded-Proto")
     return value.lower()
+
+
+def _trusted_proxies(raw: str) -> str:
+    items = [item.strip() for item in raw.split(",") if item.strip()]
+    if not items:
+        raise ValueError("must be * or a comma-separated list of IP addresses or networks")
+    for item in items:
+        if item == "*":
+            continue
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(
+                f"{item!r} is not an IP address or network (use * to trust every peer)"
+            ) from None
+    return ",".join(items)
 
 
 def _pool_class(raw: str) -> str:
@@ -274,6 +291,8 @@ class Settings:
     metrics_port: int | None = None
     metrics_publish_interval_s: float = 15
     web_concurrency: int = 1
+    # Peers whose X-Forwarded-For/-Proto uvicorn believes: Heroku's router is every peer.
+    forwarded_allow_ips: str = "*"
     log_level: str = "INFO"
     bootstrap_app: bool = True
 
@@ -359,6 +378,7 @@ class Settings:
         publish_interval = _float_range(0.1, MAX_SECONDS)
         read("NTORQUE_METRICS_PUBLISH_INTERVAL", "metrics_publish_interval_s", publish_interval)
         read("WEB_CONCURRENCY", "web_concurrency", _int_range(1, 256))
+        read("FORWARDED_ALLOW_IPS", "forwarded_allow_ips", _trusted_proxies)
         read("NTORQUE_LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error"))
         read("NTORQUE_BOOTSTRAP_APP", "bootstrap_app", _bool)
         if "log_level" in values:

@@ -117,3 +117,25 @@ async def test_procfile_release_web_worker_clock_end_to_end(
     # uvicorn shuts down gracefully, then re-raises the captured SIGTERM on itself.
     assert await processes.stop(web) in (0, -signal.SIGTERM)
     await wait_output(web, "Application shutdown complete", timeout_s=1)
+
+
+async def test_forwarded_headers_are_believed_only_from_forwarded_allow_ips(
+    processes: Processes, pg_url: str, redis_channel: str, tmp_path: Path
+) -> None:
+    """Heroku's router is every peer (``*``); exposed directly, only the named proxies."""
+    locations = {}
+    for allowed in ("*", "10.9.8.7"):
+        env = procfile_env(
+            tmp_path,
+            pg_url,
+            redis_channel,
+            NTORQUE_AUTHENTICATE="false",
+            FORWARDED_ALLOW_IPS=allowed,
+        )
+        base = await start_web(processes, env, name=f"web-{allowed}")
+        response = await raw_http(
+            base, "POST", "/?url=http://127.0.0.1:9/hook", [("X-Forwarded-Proto", "https")], b"x"
+        )
+        assert response.status == 201, response.body
+        locations[allowed] = response.headers["location"].split("://", 1)[0]
+    assert locations == {"*": "https", "10.9.8.7": "http"}

@@ -83,6 +83,7 @@ GOOD: list[tuple[str, str, str, Any]] = [
     ("NTORQUE_METRICS_PORT", "9100", "metrics_port", 9100),
     ("NTORQUE_METRICS_PUBLISH_INTERVAL", "5", "metrics_publish_interval_s", 5),
     ("WEB_CONCURRENCY", "4", "web_concurrency", 4),
+    ("FORWARDED_ALLOW_IPS", "10.0.0.0/8, 127.0.0.1", "forwarded_allow_ips", "10.0.0.0/8,127.0.0.1"),
     ("NTORQUE_LOG_LEVEL", "debug", "log_level", "DEBUG"),
     ("NTORQUE_BOOTSTRAP_APP", "false", "bootstrap_app", False),
 ]
@@ -156,6 +157,8 @@ BAD: list[tuple[str, str]] = [
     ("NTORQUE_METRICS_PORT", "70000"),
     ("NTORQUE_METRICS_PUBLISH_INTERVAL", "0"),
     ("WEB_CONCURRENCY", "0"),
+    ("FORWARDED_ALLOW_IPS", "proxy.example"),
+    ("FORWARDED_ALLOW_IPS", " , "),
     ("NTORQUE_LOG_LEVEL", "loud"),
     ("NTORQUE_BOOTSTRAP_APP", "x"),
     ("REDIS_URL", "http://localhost:6379"),
