@@ -95,7 +95,8 @@ def decide(
     due = now
     if verdict == "retry":
         if task.retry_count > settings.max_retries:
-            status = FAILED
+            # A retryable answer on the last allowed attempt: not retried, the task failed.
+            verdict, status = "failed", FAILED
         else:
             due = now + backoff_s(
                 task.retry_count,

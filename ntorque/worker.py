@@ -177,9 +177,6 @@ class Worker:
             metrics.HOOKS_IN_FLIGHT.dec()
         now = time.time()
         verdict, outcome = decide(task, result, self.settings, now)
-        if outcome.status == FAILED:
-            # A retryable answer on the last allowed attempt: not retried, the task failed.
-            verdict = "failed"
         metrics.labelled(
             metrics.HOOK_SECONDS, verdict, metrics.status_class(result.status_code)
         ).observe(result.duration_s)

@@ -124,10 +124,12 @@ def test_decide_retry_sets_due_by_backoff(
 def test_decide_last_attempt_fails_instead_of_retrying() -> None:
     settings = make_settings(NTORQUE_MAX_RETRIES="2")
     # retry_count 3 is the third attempt: 2 retries used up.
-    _, outcome = decide(task(retry_count=3), result(500), settings, now=1.0)
+    verdict, outcome = decide(task(retry_count=3), result(500), settings, now=1.0)
     assert outcome.status == FAILED
-    _, outcome = decide(task(retry_count=2), result(500), settings, now=1.0)
+    assert verdict == "failed"
+    verdict, outcome = decide(task(retry_count=2), result(500), settings, now=1.0)
     assert outcome.status == PENDING
+    assert verdict == "retry"
 
 
 def test_decide_fail_codes_record_http_error() -> None:
