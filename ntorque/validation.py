@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 from dataclasses import dataclass
 from urllib.parse import unquote_plus, unquote_to_bytes
@@ -10,6 +9,7 @@ from urllib.parse import unquote_plus, unquote_to_bytes
 from starlette.requests import ClientDisconnect, Request
 
 from .constants import FORBIDDEN_PASSTHROUGH, METHODS, PASSTHROUGH_PREFIX
+from .deadlines import Deadline
 from .hooks import check_url
 from .settings import Settings
 
@@ -182,10 +182,10 @@ def _utf8(raw: bytes) -> str | None:
         return None
 
 
-async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+async def read_body(request: Request, limit: int, deadline: Deadline) -> bytes:
     """The body, refused with 413 as soon as it passes ``limit`` (never buffered whole).
 
-    A body still incomplete after ``timeout_s`` is refused with 408: a client that stalls
+    A body still incomplete at the ``deadline`` is refused with 408: a client that stalls
     mid-body would otherwise hold its connection (and this request) open for ever.
     """
     declared = request.headers.get("content-length")
@@ -197,7 +197,7 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     chunks: list[bytes] = []
     size = 0
     try:
-        async with asyncio.timeout(timeout_s):
+        async with deadline:
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
@@ -211,6 +211,6 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
         ) from None
     except TimeoutError:
         raise BadRequest(
-            f"the body did not arrive within {timeout_s:g} seconds", "body_timeout", 408
+            f"the body did not arrive within {deadline.seconds:g} seconds", "body_timeout", 408
         ) from None
     return b"".join(chunks)

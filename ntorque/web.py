@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from . import __version__, metrics, observe, tracing
 from .batching import Batcher
 from .constants import API_KEY_HEADERS
+from .deadlines import Deadlines
 from .models import NewTask, Task
 from .notify import Notifier, NotifyError, create_notifier
 from .settings import Settings
@@ -57,6 +58,7 @@ class Api:
         )
         self._keys: dict[str, tuple[App | None, float]] = {}
         self._lookups: dict[str, asyncio.Task[App | None]] = {}
+        self.deadlines = Deadlines()
 
     async def _insert_and_notify(self, new: list[NewTask]) -> list[Task]:
         added = await self.store.add_tasks(new)
@@ -76,7 +78,7 @@ class Api:
     async def db(self, awaitable: Any) -> Any:
         """Await a store call, turning an unreachable database into a prompt 503."""
         try:
-            async with asyncio.timeout(self.settings.db_timeout_s):
+            async with self.deadlines(self.settings.db_timeout_s):
                 return await awaitable
         except connection_errors() as exc:
             logger.error("database unavailable: %s", exc)
@@ -169,7 +171,9 @@ async def enqueue(request: Request) -> Response:
     api = _api(request)
     app = await api.authenticate(request)
     spec = task_from_request(request, api.settings)
-    body = await read_body(request, api.settings.max_body_bytes, api.settings.body_timeout_s)
+    body = await read_body(
+        request, api.settings.max_body_bytes, api.deadlines(api.settings.body_timeout_s)
+    )
 
     def new_task(trace_context: str | None) -> NewTask:
         return NewTask(
@@ -354,6 +358,7 @@ def create_app(
             yield
         finally:
             await api.inserter.drain()
+            await api.deadlines.close()
             if own_notifier:
                 await the_notifier.close()
             if own_store:
