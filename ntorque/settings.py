@@ -386,6 +386,15 @@ class Settings:
 
         settings = cls(**values)
         settings.check()
+        if settings.max_due_delay_s < settings.min_due_delay_s:
+            # Well defined (the cap wins: every retry waits NTORQUE_MAX_DUE_DELAY), but
+            # probably not what was meant.
+            logger.warning(
+                "NTORQUE_MAX_DUE_DELAY=%g is below NTORQUE_MIN_DUE_DELAY=%g: every retry waits %gs",
+                settings.max_due_delay_s,
+                settings.min_due_delay_s,
+                settings.max_due_delay_s,
+            )
         unknown = sorted(k for k in env if k.startswith("NTORQUE_") and k not in KNOWN_VARIABLES)
         for name in unknown:
             logger.warning("unknown configuration variable %s is ignored", name)
@@ -393,11 +402,6 @@ class Settings:
 
     def check(self) -> None:
         """Reject combinations that each look valid alone."""
-        if self.max_due_delay_s < self.min_due_delay_s:
-            raise SettingsError(
-                f"NTORQUE_MAX_DUE_DELAY={self.max_due_delay_s:g} is below "
-                f"NTORQUE_MIN_DUE_DELAY={self.min_due_delay_s:g}"
-            )
         if self.default_timeout_s > self.max_timeout_s:
             raise SettingsError(
                 f"NTORQUE_DEFAULT_TIMEOUT={self.default_timeout_s} is above "

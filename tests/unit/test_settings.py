@@ -207,12 +207,21 @@ def test_the_largest_values_allowed_are_accepted() -> None:
 
 
 def test_combinations_are_checked() -> None:
-    with pytest.raises(SettingsError, match=r"NTORQUE_MAX_DUE_DELAY.*NTORQUE_MIN_DUE_DELAY"):
-        Settings.from_env({"NTORQUE_MIN_DUE_DELAY": "10", "NTORQUE_MAX_DUE_DELAY": "5"})
     with pytest.raises(SettingsError, match=r"NTORQUE_DEFAULT_TIMEOUT.*NTORQUE_MAX_TIMEOUT"):
         Settings.from_env({"NTORQUE_DEFAULT_TIMEOUT": "100", "NTORQUE_MAX_TIMEOUT": "50"})
-    with pytest.raises(SettingsError, match="NTORQUE_MAX_DUE_DELAY"):
-        Settings.from_env({}).replace(max_due_delay_s=0.5)
+    with pytest.raises(SettingsError, match="NTORQUE_DEFAULT_TIMEOUT"):
+        Settings.from_env({}).replace(default_timeout_s=4000)
+
+
+@pytest.mark.parametrize("cap", ["1", "0"])
+def test_a_cap_below_the_first_delay_is_accepted_and_wins(
+    cap: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # SPEC §4: backoff is never above NTORQUE_MAX_DUE_DELAY, whatever NTORQUE_MIN_DUE_DELAY is.
+    with caplog.at_level(logging.WARNING, logger="ntorque.settings"):
+        s = Settings.from_env({"NTORQUE_MAX_DUE_DELAY": cap})
+    assert (s.min_due_delay_s, s.max_due_delay_s) == (2, float(cap))
+    assert "NTORQUE_MAX_DUE_DELAY" in caplog.text
 
 
 def test_blank_values_mean_the_default() -> None:
