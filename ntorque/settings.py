@@ -384,6 +384,10 @@ class Settings:
         if "log_level" in values:
             values["log_level"] = values["log_level"].upper()
 
+        if "max_timeout_s" not in values and values.get("default_timeout_s", 0) > cls.max_timeout_s:
+            # Only NTORQUE_DEFAULT_TIMEOUT set (nTorque 0.4 had no maximum): a default above the
+            # implicit maximum raises it, rather than stopping a configuration that worked.
+            values["max_timeout_s"] = values["default_timeout_s"]
         settings = cls(**values)
         settings.check()
         if settings.max_due_delay_s < settings.min_due_delay_s:

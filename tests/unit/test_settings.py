@@ -213,6 +213,13 @@ def test_combinations_are_checked() -> None:
         Settings.from_env({}).replace(default_timeout_s=4000)
 
 
+def test_a_default_timeout_above_the_implicit_maximum_raises_it() -> None:
+    # nTorque 0.4 had no NTORQUE_MAX_TIMEOUT: its users' long default must keep working.
+    s = Settings.from_env({"NTORQUE_DEFAULT_TIMEOUT": "7200"})
+    assert (s.default_timeout_s, s.max_timeout_s) == (7200, 7200)
+    assert Settings.from_env({"NTORQUE_DEFAULT_TIMEOUT": "30"}).max_timeout_s == 3600
+
+
 @pytest.mark.parametrize("cap", ["1", "0"])
 def test_a_cap_below_the_first_delay_is_accepted_and_wins(
     cap: str, caplog: pytest.LogCaptureFixture
