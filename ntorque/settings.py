@@ -388,6 +388,11 @@ class Settings:
             # Only NTORQUE_DEFAULT_TIMEOUT set (nTorque 0.4 had no maximum): a default above the
             # implicit maximum raises it, rather than stopping a configuration that worked.
             values["max_timeout_s"] = values["default_timeout_s"]
+        if "cleanup_interval_s" not in values:
+            values["cleanup_interval_s"] = default_cleanup_interval_s(
+                values.get("cleanup_after_days", cls.cleanup_after_days),
+                values.get("requeue_interval_s", cls.requeue_interval_s),
+            )
         settings = cls(**values)
         settings.check()
         if settings.max_due_delay_s < settings.min_due_delay_s:
@@ -418,6 +423,15 @@ class Settings:
         new = dataclasses.replace(self, **changes)
         new.check()
         return new
+
+
+def default_cleanup_interval_s(cleanup_after_days: float, requeue_interval_s: float) -> float:
+    """How often the clock cleans up when NTORQUE_CLEANUP_INTERVAL is unset.
+
+    Hourly for the usual retention of days; a short retention (``NTORQUE_CLEANUP_AFTER_DAYS=0``:
+    delete finished tasks at once) is honoured within 1 % of it, at most every requeue round.
+    """
+    return min(3600.0, max(requeue_interval_s, cleanup_after_days * 86400 / 100))
 
 
 def _existing_file(raw: str) -> str:

@@ -5,6 +5,7 @@ Same tests on SQLite + in-process and PostgreSQL + Redis.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -17,7 +18,7 @@ from ntorque.schema import tasks
 from ntorque.settings import Settings
 from ntorque.store import Store
 from tests.conftest import Backend
-from tests.support import new_task
+from tests.support import new_task, wait_until
 
 URL = "http://127.0.0.1:9/hook"
 DAY = 86400.0
@@ -136,3 +137,26 @@ async def test_requeue_with_polling_rings_nothing(
     await store.add_tasks([new_task(URL)])
     assert notifier.rings is False
     assert await Clock(settings, store, notifier).requeue() == 0
+
+
+@pytest.mark.ntorque_env(NTORQUE_CLEANUP_AFTER_DAYS="0")
+async def test_a_running_clock_with_no_retention_deletes_tasks_finished_after_it_started(
+    settings: Settings, store: Store, notifier: Notifier
+) -> None:
+    # NTORQUE_CLEANUP_INTERVAL unset: a retention of 0 days is cleaned every requeue round,
+    # not only at start and then hourly.
+    clock = Clock(settings, store, notifier)
+    running = asyncio.create_task(clock.run())
+    try:
+        await asyncio.sleep(0.3)  # past the clock's first cleanup
+        done, pending = await store.add_tasks([new_task(URL) for _ in range(2)])
+        await set_rows(store, [done.id], status="COMPLETED", modified=time.time())
+        await set_rows(store, [pending.id], due=time.time() + DAY)
+
+        async def only_pending_left() -> bool:
+            return await remaining(store) == {pending.id}
+
+        await wait_until(only_pending_left, timeout_s=5, message="the finished task deleted")
+    finally:
+        clock.stop()
+        await running

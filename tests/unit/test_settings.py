@@ -406,3 +406,19 @@ def test_asyncpg_connect_args_merge_the_url_over_the_defaults(
     db.asyncpg_connect_args(settings)["server_settings"]["x"] = "y"
     assert "x" not in db.asyncpg_connect_args(settings)["server_settings"]
     assert "x" not in str(settings.database_connect_args)
+
+
+@pytest.mark.parametrize(
+    ("env", "interval"),
+    [
+        ({}, 3600),
+        ({"NTORQUE_CLEANUP_AFTER_DAYS": "30"}, 3600),
+        ({"NTORQUE_CLEANUP_AFTER_DAYS": "0.5"}, 432),
+        ({"NTORQUE_CLEANUP_AFTER_DAYS": "0"}, 5),
+        ({"NTORQUE_CLEANUP_AFTER_DAYS": "0", "NTORQUE_REQUEUE_INTERVAL": "1"}, 1),
+        ({"NTORQUE_CLEANUP_AFTER_DAYS": "0", "NTORQUE_CLEANUP_INTERVAL": "60"}, 60),
+        ({"NTORQUE_CLEANUP_INTERVAL": "7200"}, 7200),
+    ],
+)
+def test_cleanup_interval_follows_a_short_retention(env: dict[str, str], interval: float) -> None:
+    assert Settings.from_env(env).cleanup_interval_s == pytest.approx(interval)
