@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -82,3 +87,61 @@ async def test_redis_down_raises_notify_error() -> None:
             await notifier.wait(1, 0.1)
     finally:
         await notifier.close()
+
+
+@contextlib.contextmanager
+def tls_redis_server(tmp_path: Path) -> Iterator[str]:
+    """A private redis-server speaking only TLS, with a self-signed certificate (as Heroku
+    Redis's is) for a name that is not its address; yields its ``rediss://`` URL."""
+    if shutil.which("openssl") is None or shutil.which("redis-server") is None:
+        pytest.fail("the rediss:// test needs the openssl and redis-server binaries")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=redis.example", "-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            *("redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1"),
+            *("--tls-cert-file", str(cert), "--tls-key-file", str(key)),
+            *("--tls-auth-clients", "no", "--save", "", "--appendonly", "no"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield f"rediss://127.0.0.1:{port}/0"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@pytest.mark.redis  # a private redis-server binary, built with TLS
+async def test_rediss_with_a_self_signed_certificate_works_as_given(tmp_path: Path) -> None:
+    # SPEC §2: Heroku Redis hands out rediss:// URLs with self-signed certificates.
+    with tls_redis_server(tmp_path) as url:
+        notifier = RedisNotifier(make_settings(REDIS_URL=url))
+        try:
+            for _ in range(100):  # until the server listens
+                with contextlib.suppress(NotifyError):
+                    await notifier.pending()
+                    break
+                await asyncio.sleep(0.05)
+            await notifier.notify([4, 2])
+            assert await notifier.pending() == 2
+            assert await notifier.wait(10, 1.0) == [4, 2]
+        finally:
+            await notifier.close()
+
+        # Verification asked for: the self-signed certificate is refused.
+        strict = RedisNotifier(make_settings(REDIS_URL=url, NTORQUE_REDIS_TLS_VERIFY="true"))
+        try:
+            with pytest.raises(NotifyError, match="certificate verify failed"):
+                await strict.notify([1])
+        finally:
+            await strict.close()
