@@ -422,3 +422,21 @@ def test_asyncpg_connect_args_merge_the_url_over_the_defaults(
 )
 def test_cleanup_interval_follows_a_short_retention(env: dict[str, str], interval: float) -> None:
     assert Settings.from_env(env).cleanup_interval_s == pytest.approx(interval)
+
+
+def test_sqlalchemy_pool_variables_reach_the_engine() -> None:
+    pg = {"DATABASE_URL": "postgres://u@db.example/d"}
+    pool = db.create_engine(
+        Settings.from_env(
+            {
+                **pg,
+                "SQLALCHEMY_POOL_SIZE": "7",
+                "SQLALCHEMY_MAX_OVERFLOW": "3",
+                "SQLALCHEMY_POOL_RECYCLE": "300",
+                "SQLALCHEMY_POOL_TIMEOUT": "9",
+            }
+        )
+    ).pool
+    assert (pool.size(), pool._max_overflow, pool._recycle, pool._timeout) == (7, 3, 300, 9)
+    nullpool = Settings.from_env({**pg, "SQLALCHEMY_POOL_CLASS": "sqlalchemy.pool.NullPool"})
+    assert type(db.create_engine(nullpool).pool).__name__ == "NullPool"
