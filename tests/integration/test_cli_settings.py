@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from ntorque.settings import Settings
+from ntorque.store import Store
 
 NTORQUE = Path(sys.executable).parent / "ntorque"
 
@@ -30,3 +34,38 @@ def test_bad_value_stops_the_process(tmp_path: Path, role: str, name: str, value
     assert name in proc.stderr
     assert "Traceback" not in proc.stderr, "a configuration error is a message, not a crash"
     assert not (tmp_path / "q.sqlite3").exists(), "nothing started before the check"
+
+
+def test_app_commands_create_deactivate_and_activate_a_key(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    env["NTORQUE_SQLITE_PATH"] = str(tmp_path / "q.sqlite3")
+
+    def ntorque(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(NTORQUE), *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+
+    created = ntorque("create-app", "--name", "mine")
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert len(key) == 40 and key.isalnum(), "stdout is the key alone"
+
+    def active() -> bool:
+        settings = Settings.from_env({"NTORQUE_SQLITE_PATH": env["NTORQUE_SQLITE_PATH"]})
+
+        async def look_up() -> bool:
+            store = Store.from_settings(settings)
+            try:
+                return await store.app_for_key(key) is not None
+            finally:
+                await store.close()
+
+        return asyncio.run(look_up())
+
+    assert active()
+    assert ntorque("deactivate-app", "--name", "mine").returncode == 0
+    assert not active()
+    assert ntorque("activate-app", "--name", "mine").returncode == 0
+    assert active()
+    unknown = ntorque("deactivate-app", "--name", "nobody")
+    assert unknown.returncode == 1 and "nobody" in unknown.stderr
