@@ -232,7 +232,14 @@ async def start_process_metrics(settings: Settings, role: str) -> MetricsHandle:
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_RoleView(REGISTRY, role))
-        handle.server, _ = start_http_server(settings.metrics_port, registry=registry)
+        try:
+            handle.server, _ = start_http_server(settings.metrics_port, registry=registry)
+        except OSError as exc:
+            # Typically another process holds the port: one line naming the variable.
+            raise SystemExit(
+                f"ntorque: NTORQUE_METRICS_PORT={settings.metrics_port}: cannot serve metrics"
+                f" there: {exc.strerror or exc}"
+            ) from None
         logger.info("metrics: serving on port %d", settings.metrics_port)
     if role == "web" and multiprocess():
         stats = _ProcessStats()

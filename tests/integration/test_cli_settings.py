@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,25 @@ def test_app_commands_create_deactivate_and_activate_a_key(tmp_path: Path) -> No
     assert active()
     unknown = ntorque("deactivate-app", "--name", "nobody")
     assert unknown.returncode == 1 and "nobody" in unknown.stderr
+
+
+def test_a_metrics_port_in_use_stops_the_process_naming_the_variable(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env.update(
+            {"NTORQUE_SQLITE_PATH": str(tmp_path / "q.sqlite3"), "NTORQUE_METRICS_PORT": str(port)}
+        )
+        proc = subprocess.run(
+            [str(NTORQUE), "clock"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert proc.returncode != 0
+    assert f"NTORQUE_METRICS_PORT={port}" in proc.stderr
+    assert "Traceback" not in proc.stderr
