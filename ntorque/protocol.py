@@ -7,16 +7,26 @@ the API is JSON (``{"error": ..., "code": ...}``), these included.
 The parser (httptools) sets no limit on a request's head: one connection streaming an
 endless header would grow the process's memory until the dyno is killed. A head still
 incomplete after ``MAX_HEAD_BYTES`` is refused with 431.
+
+Nor does uvicorn set a deadline on a head: its keep-alive timer stops at the first byte, so
+a client sending one byte every few seconds (slowloris) would hold its connection for ever.
+A head still incomplete ``head_timeout_s`` (NTORQUE_BODY_TIMEOUT) after its first read is
+refused with 408, and bytes that begin no request (blank lines) get the same time before the
+connection is closed. The timer is armed only when a read ends inside a head: a head that
+arrives in one read, as nearly all do, costs two attribute checks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+from typing import ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 BAD_REQUEST_CODE = "bad_request"
 HEAD_TOO_LARGE_CODE = "headers_too_large"
+HEAD_TIMEOUT_CODE = "head_timeout"
 # The request line and headers of one request. Heroku's router allows 8 KiB per line; every
 # legitimate request ntorque serves fits in a few KiB (a URL of NTORQUE_MAX_URL_LENGTH,
 # passthrough headers). A head may exceed this by one read (at most 256 KiB) before it is
@@ -31,22 +41,77 @@ def bad_request_body(message: str) -> bytes:
 
 
 class JsonErrorsProtocol(HttpToolsProtocol):
+    # NTORQUE_BODY_TIMEOUT (its default here), set by ``web.create_app``: uvicorn is given
+    # this class, not an instance, and the processes of ``ntorque web --workers`` run only
+    # the app factory before they serve.
+    head_timeout_s: ClassVar[float] = 30.0
     _head_scope: object = None  # the scope of the request whose head is being counted
     _head_bytes = 0
+    _head_timer: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         cycle = self.cycle
-        if cycle is not None and cycle.scope is self.scope:
-            return  # no head under way: the last one is complete (a body may follow)
-        if self._head_scope is not self.scope:
-            self._head_scope, self._head_bytes = self.scope, 0
+        if cycle is not None and cycle.scope is self.scope and not cycle.response_complete:
+            # A request under way, its head complete (a body may follow): nearly every read.
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
             return
-        self._head_bytes += len(data)
-        if self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+        self._head_pending(len(data))
+
+    def _head_pending(self, size: int) -> None:
+        """A read that ended inside a head, or that began no request at all."""
+        if self.transport.is_closing():
+            return
+        scope, cycle = self.scope, self.cycle
+        if scope is None or (cycle is not None and cycle.scope is scope):
+            # No request begun (blank lines, or the rest of a body answered early): uvicorn
+            # stopped its keep-alive timer at these bytes, so this one stands in for it.
+            if self._head_timer is None:
+                self._start_head_timer()
+            return
+        if self._head_scope is not scope:
+            # A new head began in this read; the previous one, if any, is complete.
+            self._head_scope, self._head_bytes = scope, 0
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._start_head_timer()
+            return
+        self._head_bytes += size
+        if self._head_bytes > MAX_HEAD_BYTES:
             error = f"the request line and headers are larger than {MAX_HEAD_BYTES} bytes"
             body = json.dumps({"error": error, "code": HEAD_TOO_LARGE_CODE}).encode()
             self._send_error(b"431 Request Header Fields Too Large", body)
+
+    def _start_head_timer(self) -> None:
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        scope, cycle = self.scope, self.cycle
+        if scope is None or (cycle is not None and cycle.scope is scope):
+            self.transport.close()  # no request begun: closed as an idle connection is
+            return
+        if cycle is not None and not cycle.response_complete:
+            # A head pipelined behind a request still being answered (uvicorn reads no more
+            # until it is): a 408 now would cut into that answer. The deadline starts again.
+            self._start_head_timer()
+            return
+        error = (
+            f"the request line and headers did not arrive within {self.head_timeout_s:g} seconds"
+        )
+        body = json.dumps({"error": error, "code": HEAD_TIMEOUT_CODE}).encode()
+        self._send_error(b"408 Request Timeout", body)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Always: uvicorn cancels its own keep-alive timer only on a clean close.
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
         self._send_error(b"400 Bad Request", bad_request_body(msg))

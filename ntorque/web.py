@@ -25,6 +25,7 @@ from .constants import API_KEY_HEADERS
 from .deadlines import Deadlines
 from .models import NewTask, Task
 from .notify import Notifier, NotifyError, create_notifier
+from .protocol import JsonErrorsProtocol
 from .settings import Settings
 from .store import App, Store, connection_errors
 from .validation import BadRequest, read_body, task_from_request
@@ -364,6 +365,9 @@ def create_app(
             if own_store:
                 await the_store.close()
 
+    # The deadline of a request's head, which uvicorn's protocol class enforces (set here:
+    # this factory is the one piece of ntorque every serving process runs).
+    JsonErrorsProtocol.head_timeout_s = settings.body_timeout_s
     middleware = []
     if settings.enable_hsts:
         middleware.append(Middleware(HSTSMiddleware, protocol_header=settings.hsts_protocol_header))

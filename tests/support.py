@@ -454,6 +454,14 @@ def parse_response(data: bytes) -> RawResponse:
     return RawResponse(status=int(status_line.split(" ")[1]), headers=parsed, body=body)
 
 
+async def read_response(reader: asyncio.StreamReader) -> RawResponse:
+    """One response off a kept-alive connection (ntorque's answers carry a Content-Length)."""
+    async with asyncio.timeout(10):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(parse_response(head).headers["content-length"])
+        return parse_response(head + await reader.readexactly(length))
+
+
 async def count_tasks(store: Store) -> int:
     """Rows in the tasks table (to prove a refused request wrote nothing)."""
     import sqlalchemy as sa

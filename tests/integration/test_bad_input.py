@@ -20,11 +20,13 @@ from ntorque.models import Task
 from ntorque.notify import Notifier
 from ntorque.settings import Settings
 from ntorque.store import Store
+from tests.conftest import backend_param
 from tests.support import (
     HookServer,
     count_tasks,
     parse_response,
     raw_http,
+    read_response,
     run_until_settled,
     serve_app,
 )
@@ -32,6 +34,8 @@ from tests.support import (
 pytestmark = pytest.mark.ntorque_env(NTORQUE_MAX_BODY_BYTES="1000")
 
 HOOK = "http://127.0.0.1:9/hook"
+# The connection's own behaviour (ntorque.protocol): which store is behind it plays no part.
+ONE_BACKEND = pytest.mark.parametrize("backend", [backend_param("sqlite-local")], indirect=True)
 
 
 def q(url: str) -> str:
@@ -309,6 +313,110 @@ async def test_an_endless_request_head_is_refused_with_431(
     assert response.status == 431
     assert response.headers["connection"] == "close"
     assert response.json()["code"] == "headers_too_large"
+
+
+def task_request(host: str, key: str, body: bytes = b"x") -> tuple[bytes, bytes]:
+    """A task request's head and body, to be written by hand on a kept-alive connection."""
+    head = (
+        f"POST {q(HOOK)} HTTP/1.1\r\nHost: {host}\r\nNTORQUE_API_KEY: {key}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode(), body
+
+
+async def send_in_pieces(
+    writer: asyncio.StreamWriter, data: bytes, pieces: int, gap_s: float
+) -> None:
+    """Write ``data`` as ``pieces`` writes, ``gap_s`` apart (so the server reads it piecemeal)."""
+    size = -(-len(data) // pieces)
+    for start in range(0, len(data), size):
+        if start:
+            await asyncio.sleep(gap_s)
+        writer.write(data[start : start + size])
+        await writer.drain()
+
+
+@ONE_BACKEND
+@pytest.mark.ntorque_env(NTORQUE_BODY_TIMEOUT="1")
+async def test_a_head_that_dribbles_in_is_refused_with_408_and_closed(
+    settings: Settings, store: Store, notifier: Notifier
+) -> None:
+    _, key = await store.create_app("dribble")
+    async with serve_app(settings, store, notifier) as base:
+        host, _, port = base.removeprefix("http://").partition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        head, _ = task_request(host, key)
+        answer = asyncio.create_task(reader.read())
+        started = time.monotonic()
+        try:
+            # Given a client that sends its head one byte every 0.1 s (each read well within
+            # the deadline, the whole head some 15 s),
+            for byte in head[:60]:  # 6 s at most
+                if answer.done():
+                    break
+                with contextlib.suppress(ConnectionError):
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                await asyncio.sleep(0.1)
+            # then it is answered 408 and closed once NTORQUE_BODY_TIMEOUT has passed since
+            # its first byte, not at its last.
+            try:
+                async with asyncio.timeout(5):
+                    data = await answer
+            except TimeoutError:
+                raise AssertionError("the dribbled head was never answered") from None
+            elapsed_s = time.monotonic() - started
+        finally:
+            answer.cancel()
+            writer.close()
+    response = parse_response(data)
+    assert response.status == 408
+    assert response.headers["connection"] == "close"
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["code"] == "head_timeout"
+    assert 0.9 <= elapsed_s < 3, elapsed_s
+    assert await count_tasks(store) == 0
+
+
+@ONE_BACKEND
+@pytest.mark.ntorque_env(NTORQUE_BODY_TIMEOUT="1.5")
+async def test_heads_in_slow_pieces_within_the_deadline_are_served_on_a_kept_alive_connection(
+    settings: Settings, store: Store, notifier: Notifier
+) -> None:
+    _, key = await store.create_app("in-time")
+    async with serve_app(settings, store, notifier) as base:
+        host, _, port = base.removeprefix("http://").partition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        head, body = task_request(host, key)
+        statuses = []
+        try:
+            # A head in five reads over 1 s, then its body 1 s later: the head's deadline
+            # ended with the head (its start is 2 s ago), the body's began there.
+            await send_in_pieces(writer, head, pieces=5, gap_s=0.25)
+            await asyncio.sleep(1)
+            writer.write(body)
+            statuses.append((await read_response(reader)).status)
+            # A second slow head on the same connection has a deadline of its own.
+            await send_in_pieces(writer, head + body, pieces=5, gap_s=0.25)
+            statuses.append((await read_response(reader)).status)
+            # A connection idle for longer than the deadline is not timed out by it.
+            await asyncio.sleep(2)
+            writer.write(head + body)
+            statuses.append((await read_response(reader)).status)
+            # Pipelined requests, the second head split over two reads.
+            writer.write(head + body + head[:20])
+            await asyncio.sleep(0.3)
+            writer.write(head[20:] + body)
+            statuses.append((await read_response(reader)).status)
+            statuses.append((await read_response(reader)).status)
+            # Idle with nothing sent, the connection is closed by uvicorn's keep-alive
+            # timeout (5 s), without a word.
+            async with asyncio.timeout(15):
+                assert await reader.read() == b""
+        finally:
+            writer.close()
+    assert statuses == [201] * 5
+    assert await count_tasks(store) == 5
 
 
 LONG_NAME = ".".join(["a" * 63] * 3 + ["b" * 61])  # 253 characters, the most DNS allows
