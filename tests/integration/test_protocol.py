@@ -1,0 +1,135 @@
+"""ntorque.protocol's head deadline where ntorque's routes cannot reach: behind a slow answer,
+before any request, and on a connection that breaks.
+
+A stand-in ASGI app (one route slower than the deadline) runs under uvicorn with ntorque's
+protocol class, so the timings are the protocol's alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import uvicorn
+
+from ntorque.protocol import HTTP_PROTOCOL, JsonErrorsProtocol
+from tests.support import free_port, read_response, wait_until
+
+DEADLINE_S = 0.5
+SLOW_ANSWER_S = 1.5
+
+
+async def stand_in_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    assert scope["type"] == "http"
+    if scope["path"] == "/slow":
+        await asyncio.sleep(SLOW_ANSWER_S)
+    body = scope["path"].encode()
+    headers = [(b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+@contextlib.asynccontextmanager
+async def serve(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[uvicorn.Server]:
+    monkeypatch.setattr(JsonErrorsProtocol, "head_timeout_s", DEADLINE_S)
+    config = uvicorn.Config(
+        stand_in_app,
+        host="127.0.0.1",
+        port=free_port(),
+        lifespan="off",
+        log_level="warning",
+        ws="none",
+        loop="asyncio",
+        http=HTTP_PROTOCOL,
+    )
+    server = uvicorn.Server(config)
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+    serving = asyncio.create_task(server.serve(), name="uvicorn")
+    try:
+        await wait_until(lambda: server.started or serving.done(), message="uvicorn to start")
+        yield server
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(serving, timeout=15)
+
+
+async def connect(server: uvicorn.Server) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", server.config.port)
+
+
+async def test_a_head_pipelined_behind_a_slow_answer_waits_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with serve(monkeypatch) as server:
+        reader, writer = await connect(server)
+        try:
+            # Given a slow request and, pipelined behind it, a head that never completes,
+            writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /next HTTP/1.1\r\nHo")
+            # then the slow request is answered whole, its answer not cut by a 408,
+            first = await read_response(reader)
+            # and the unfinished head is refused once that answer is out.
+            second = await read_response(reader)
+            async with asyncio.timeout(5):
+                assert await reader.read() == b""
+        finally:
+            writer.close()
+    assert (first.status, first.body) == (200, b"/slow")
+    assert second.status == 408
+    assert second.json()["code"] == "head_timeout"
+
+
+async def test_blank_lines_that_begin_no_request_do_not_hold_a_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Bytes that begin no request stop uvicorn's keep-alive timer as a head's bytes do."""
+    async with serve(monkeypatch) as server:
+        for request in (b"", b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n"):
+            reader, writer = await connect(server)
+            try:
+                if request:  # a kept-alive connection after an answer, or a fresh one
+                    writer.write(request)
+                    assert (await read_response(reader)).status == 200
+                closed = asyncio.create_task(reader.read())
+                started = time.monotonic()
+                for _ in range(50):  # a blank line every 0.1 s, 5 s at most
+                    if closed.done():
+                        break
+                    with contextlib.suppress(ConnectionError):
+                        writer.write(b"\r\n")
+                        await writer.drain()
+                    await asyncio.sleep(0.1)
+                async with asyncio.timeout(5):
+                    rest = await closed
+                elapsed_s = time.monotonic() - started
+            finally:
+                writer.close()
+            assert rest == b"", "closed without a word, as an idle connection is"
+            assert DEADLINE_S * 0.9 <= elapsed_s < DEADLINE_S + 2, elapsed_s
+
+
+async def test_a_connection_that_breaks_mid_head_leaves_no_timer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with serve(monkeypatch) as server:
+        _, writer = await connect(server)
+        writer.write(b"GET / HTTP/1.1\r\nHo")
+        await writer.drain()
+        protocol = await wait_until(
+            lambda: next(iter(server.server_state.connections), None), message="a connection"
+        )
+        await wait_until(lambda: protocol._head_timer is not None, message="the head timer")
+        # A reset, not a clean close: uvicorn's connection_lost then gets an exception.
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+        await wait_until(
+            lambda: protocol not in server.server_state.connections, message="connection_lost"
+        )
+        assert protocol._head_timer is None
