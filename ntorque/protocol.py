@@ -14,6 +14,9 @@ A head still incomplete ``head_timeout_s`` (NTORQUE_BODY_TIMEOUT) after its firs
 refused with 408, and bytes that begin no request (blank lines) get the same time before the
 connection is closed. The timer is armed only when a read ends inside a head: a head that
 arrives in one read, as nearly all do, costs two attribute checks.
+
+A connection that sends nothing at all is closed after uvicorn's keep-alive timeout, as an
+idle one is after an answer (uvicorn arms that timer only after an answer).
 """
 
 from __future__ import annotations
@@ -48,6 +51,14 @@ class JsonErrorsProtocol(HttpToolsProtocol):
     _head_scope: object = None  # the scope of the request whose head is being counted
     _head_bytes = 0
     _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # uvicorn arms its keep-alive timer only after an answer: a connection that never
+        # sends a byte would stay open for ever. Its first byte stops the timer, as after one.
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -111,6 +122,7 @@ class JsonErrorsProtocol(HttpToolsProtocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        self._unset_keepalive_if_required()
         super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:

@@ -1,5 +1,5 @@
 """ntorque.protocol's head deadline where ntorque's routes cannot reach: behind a slow answer,
-before any request, and on a connection that breaks.
+before any request, and on a connection that breaks; and a connection that sends nothing.
 
 A stand-in ASGI app (one route slower than the deadline) runs under uvicorn with ntorque's
 protocol class, so the timings are the protocol's alone.
@@ -36,7 +36,9 @@ async def stand_in_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 @contextlib.asynccontextmanager
-async def serve(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[uvicorn.Server]:
+async def serve(
+    monkeypatch: pytest.MonkeyPatch, keep_alive_s: int = 5
+) -> AsyncIterator[uvicorn.Server]:
     monkeypatch.setattr(JsonErrorsProtocol, "head_timeout_s", DEADLINE_S)
     config = uvicorn.Config(
         stand_in_app,
@@ -47,6 +49,7 @@ async def serve(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[uvicorn.Server
         ws="none",
         loop="asyncio",
         http=HTTP_PROTOCOL,
+        timeout_keep_alive=keep_alive_s,
     )
     server = uvicorn.Server(config)
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
@@ -114,22 +117,45 @@ async def test_blank_lines_that_begin_no_request_do_not_hold_a_connection(
             assert DEADLINE_S * 0.9 <= elapsed_s < DEADLINE_S + 2, elapsed_s
 
 
-async def test_a_connection_that_breaks_mid_head_leaves_no_timer(
+async def reset(server: uvicorn.Server, head: bytes) -> JsonErrorsProtocol:
+    """Open a connection, send ``head``, then reset it; the server's protocol, once it is lost."""
+    _, writer = await connect(server)
+    writer.write(head)
+    await writer.drain()
+    protocol: JsonErrorsProtocol = await wait_until(
+        lambda: next(iter(server.server_state.connections), None), message="a connection"
+    )
+    if head:
+        await wait_until(lambda: protocol._head_timer is not None, message="the head timer")
+    # A reset, not a clean close: uvicorn's connection_lost then gets an exception, and
+    # cancels its own keep-alive timer only without one.
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+    await wait_until(
+        lambda: protocol not in server.server_state.connections, message="connection_lost"
+    )
+    return protocol
+
+
+async def test_a_connection_reset_leaves_no_timer(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with serve(monkeypatch) as server:
+        mid_head = await reset(server, b"GET / HTTP/1.1\r\nHo")
+        assert mid_head._head_timer is None
+        silent = await reset(server, b"")
+        assert silent.timeout_keep_alive_task is None  # armed at connection_made
+
+
+async def test_a_connection_that_sends_nothing_is_closed_after_the_keep_alive_timeout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    async with serve(monkeypatch) as server:
-        _, writer = await connect(server)
-        writer.write(b"GET / HTTP/1.1\r\nHo")
-        await writer.drain()
-        protocol = await wait_until(
-            lambda: next(iter(server.server_state.connections), None), message="a connection"
-        )
-        await wait_until(lambda: protocol._head_timer is not None, message="the head timer")
-        # A reset, not a clean close: uvicorn's connection_lost then gets an exception.
-        sock = writer.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        writer.transport.abort()
-        await wait_until(
-            lambda: protocol not in server.server_state.connections, message="connection_lost"
-        )
-        assert protocol._head_timer is None
+    async with serve(monkeypatch, keep_alive_s=1) as server:
+        reader, writer = await connect(server)
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(10):
+                rest = await reader.read()
+        finally:
+            writer.close()
+    assert rest == b""
+    assert 0.9 <= time.monotonic() - started < 3
