@@ -42,8 +42,9 @@ class Batcher(Generic[T, R]):
             task = asyncio.create_task(self._run(), name=f"{self._name}-flush")
             self._flushers.add(task)
             task.add_done_callback(self._flushers.discard)
-        # Shield: a caller that gives up must not cancel the flush others share.
-        return await asyncio.shield(future)
+        # The flush runs in a task of its own: a caller that gives up cancels only its own
+        # future, never the flush others share (so no shield, which costs a future more).
+        return await future
 
     async def _run(self) -> None:
         while self._queue:
