@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -43,6 +43,46 @@ def bad_request_body(message: str) -> bytes:
     return json.dumps({"error": error, "code": BAD_REQUEST_CODE}).encode()
 
 
+class OneWritePerTurn:
+    """A transport that sends what one turn of the event loop writes as one ``write``.
+
+    uvicorn writes a response's head and its body separately: two sends, and often two
+    wake-ups of the client, where one would do. On this path every wake-up of another
+    process costs more than the rest of the request (bench A, py-spy). The first write of a
+    turn is held and joined by any that follow; the turn's end (or a close) sends them.
+    """
+
+    __slots__ = ("_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._held: list[bytes] = []
+        self._loop = loop
+
+    def write(self, data: bytes) -> None:
+        if not self._held:
+            self._loop.call_soon(self.flush)
+        self._held.append(data)
+
+    def flush(self) -> None:
+        if self._held:
+            data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+            self._held.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        # get_extra_info, pause_reading, resume_reading, abort... as the transport has them.
+        return getattr(self._transport, name)
+
+
 class JsonErrorsProtocol(HttpToolsProtocol):
     # NTORQUE_BODY_TIMEOUT (its default here), set by ``web.create_app``: uvicorn is given
     # this class, not an instance, and the processes of ``ntorque web --workers`` run only
@@ -53,7 +93,7 @@ class JsonErrorsProtocol(HttpToolsProtocol):
     _head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(OneWritePerTurn(transport, self.loop))  # type: ignore[arg-type]
         # uvicorn arms its keep-alive timer only after an answer: a connection that never
         # sends a byte would stay open for ever. Its first byte stops the timer, as after one.
         self.timeout_keep_alive_task = self.loop.call_later(
