@@ -1,5 +1,6 @@
 """ntorque.protocol's head deadline where ntorque's routes cannot reach: behind a slow answer,
-before any request, and on a connection that breaks; and a connection that sends nothing.
+before any request, and on a connection that breaks; a connection that sends nothing; and
+an answer's head and body leaving in one write.
 
 A stand-in ASGI app (one route slower than the deadline) runs under uvicorn with ntorque's
 protocol class, so the timings are the protocol's alone.
@@ -29,7 +30,7 @@ async def stand_in_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     assert scope["type"] == "http"
     if scope["path"] == "/slow":
         await asyncio.sleep(SLOW_ANSWER_S)
-    body = scope["path"].encode()
+    body = scope["path"].encode() * (100 if scope["path"] == "/big" else 1)
     headers = [(b"content-length", b"%d" % len(body))]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": body})
@@ -159,3 +160,28 @@ async def test_a_connection_that_sends_nothing_is_closed_after_the_keep_alive_ti
             writer.close()
     assert rest == b""
     assert 0.9 <= time.monotonic() - started < 3
+
+
+def _first_read(port: int, request: bytes) -> tuple[bytes, bytes]:
+    """What one blocking recv returns once the request is sent, and the whole answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        first = sock.recv(65536)
+        whole = first
+        while not whole.endswith(b"/big" * 100):
+            more = sock.recv(65536)
+            if not more:
+                break
+            whole += more
+    return first, whole
+
+
+async def test_an_answer_leaves_in_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A reader blocked in recv wakes at the first segment: had the head been written on its
+    # own, the first read would (almost always) hold the head alone.
+    async with serve(monkeypatch) as server:
+        request = b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        for _ in range(5):
+            first, whole = await asyncio.to_thread(_first_read, server.config.port, request)
+            assert whole.startswith(b"HTTP/1.1 200 ") and whole.endswith(b"/big" * 100)
+            assert first == whole
