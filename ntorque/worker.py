@@ -245,8 +245,7 @@ class Worker:
         logger.error("action=record_outcome task_id=%s gave up (try %d)", outcome.task_id, tries)
 
     async def _flush_outcomes(self, outcomes: list[Outcome]) -> list[None]:
-        recorded = await self.store.record(outcomes)
-        stale = len(outcomes) - recorded
+        stale = (await self.store.record(outcomes)).count(False)
         if stale > 0:
             metrics.STALE_OUTCOMES.inc(stale)
         return [None] * len(outcomes)

@@ -104,7 +104,7 @@ async def test_store_round_trip_with_libpq_parameters(empty_db: str, pool_class:
             status_code=200,
             error=None,
         )
-        assert await store.record([outcome]) == 1
+        assert await store.record([outcome]) == [True]
         done = await store.get_task(task.id, app.id)
         assert done is not None and done.status == "COMPLETED"
 

@@ -298,7 +298,7 @@ async def test_stored_due_follows_the_backoff_formula(
             result = await hooks.call(taken)
             assert result.status_code == 503
             _, outcome = decide(taken, result, settings, now)
-            assert await store.record([outcome]) == 1
+            assert await store.record([outcome]) == [True]
             stored = await store.get_task(task.id)
             assert stored is not None
             if k <= settings.max_retries:

@@ -139,17 +139,17 @@ async def test_a_stale_attempt_cannot_overwrite_the_newer_one(store: Store) -> N
     assert (first.retry_count, second.retry_count) == (1, 2)
 
     # The first attempt answers late: not recorded.
-    assert await store.record([outcome(task.id, 1, "COMPLETED")]) == 0
+    assert await store.record([outcome(task.id, 1, "COMPLETED")]) == [False]
     stored = await store.get_task(task.id)
     assert stored is not None and (stored.status, stored.retry_count) == ("PENDING", 2)
 
     # The current attempt records.
-    assert await store.record([outcome(task.id, 2, "FAILED")]) == 1
+    assert await store.record([outcome(task.id, 2, "FAILED")]) == [True]
     stored = await store.get_task(task.id)
     assert stored is not None and (stored.status, stored.last_status) == ("FAILED", 200)
 
     # Nothing may overwrite a finished task, not even its own attempt again.
-    assert await store.record([outcome(task.id, 2, "COMPLETED")]) == 0
+    assert await store.record([outcome(task.id, 2, "COMPLETED")]) == [False]
     stored = await store.get_task(task.id)
     assert stored is not None and stored.status == "FAILED"
 
@@ -165,11 +165,40 @@ async def test_record_batches_mix_stale_and_current(store: Store) -> None:
         outcome(tasks[2].id, by_id[tasks[2].id].retry_count, "PENDING", due=now + 5),
         outcome(tasks[3].id, by_id[tasks[3].id].retry_count + 1),  # from the future
     ]
-    assert await store.record(outcomes) == 2
+    assert await store.record(outcomes) == [True, False, True, False]
     statuses = [(await store.get_task(t.id)).status for t in tasks]  # type: ignore[union-attr]
     assert statuses == ["COMPLETED", "PENDING", "PENDING", "PENDING"]
     retried = await store.get_task(tasks[2].id)
     assert retried is not None and retried.due == pytest.approx(now + 5)
+
+
+async def test_record_answers_for_each_outcome_in_the_order_given(store: Store) -> None:
+    # Given tasks whose attempts are listed out of id order, and one task whose stale
+    # attempt's outcome shares the batch with its current attempt's
+    a, b, c = await store.add_tasks([new_task(URL, timeout=5) for _ in range(3)])
+    now = time.time()
+    taken = {t.id: t for t in await store.acquire([a.id, b.id, c.id], now=now)}
+    [b_again] = await store.acquire([b.id], now=taken[b.id].due + 0.01)
+    outcomes = [
+        outcome(c.id, 1),
+        outcome(b.id, 2, "FAILED"),
+        outcome(a.id, 2),  # from the future
+        outcome(b.id, 1),  # stale: b's lease ran out, attempt 2 holds it
+        outcome(a.id, 1, "PENDING", due=now + 5),
+    ]
+    # When they are recorded in one batch
+    written = await store.record(outcomes)
+    # Then the answer follows the order given, telling one task's attempts apart
+    assert written == [True, True, False, False, True]
+    stored = {t.id: await store.get_task(t.id) for t in (a, b, c)}
+    assert {i: (t.status, t.retry_count) for i, t in stored.items() if t is not None} == {
+        a.id: ("PENDING", 1),
+        b.id: ("FAILED", 2),
+        c.id: ("COMPLETED", 1),
+    }
+    assert b_again.retry_count == 2
+    # And a batch of none answers nothing
+    assert await store.record([]) == []
 
 
 async def test_exhausted_tasks_are_not_acquired_but_failed(store: Store) -> None:
