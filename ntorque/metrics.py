@@ -87,15 +87,17 @@ HOOK_SECONDS = Histogram(
     ["outcome", "status_class"],
     buckets=HOOK_BUCKETS,
 )
-ATTEMPTS = Counter("ntorque_attempts", "Finished attempts, by outcome.", ["outcome"])
-RETRIES = Counter("ntorque_retries", "Attempts that failed and will be retried.")
-TASKS_COMPLETED = Counter("ntorque_tasks_completed", "Tasks whose hook answered with success.")
+ATTEMPTS = Counter(
+    "ntorque_attempts", "Finished attempts (stale ones too), by outcome.", ["outcome"]
+)
+RETRIES = Counter("ntorque_retries", "Attempts whose retry was recorded: the task will run again.")
+TASKS_COMPLETED = Counter("ntorque_tasks_completed", "Tasks completed: a success answer recorded.")
 TASKS_FAILED = Counter(
     "ntorque_tasks_failed",
     "Tasks failed for good: a permanent answer, retries used up, or the last lease expired.",
 )
 STALE_OUTCOMES = Counter(
-    "ntorque_stale_outcomes", "Outcomes dropped because a newer attempt held the lease."
+    "ntorque_stale_outcomes", "Outcomes dropped: a newer attempt held the task, or it had finished."
 )
 TASK_SECONDS = Histogram(
     "ntorque_task_duration_seconds",

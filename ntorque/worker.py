@@ -39,7 +39,7 @@ class Worker:
         self.hooks = hooks
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
-        self._recorder: Batcher[Outcome, None] = Batcher(
+        self._recorder: Batcher[Outcome, bool] = Batcher(
             self._flush_outcomes, max_batch=500, concurrency=2, name="record"
         )
         self._notify_error_logged = 0.0
@@ -181,8 +181,6 @@ class Worker:
             metrics.HOOK_SECONDS, verdict, metrics.status_class(result.status_code)
         ).observe(result.duration_s)
         metrics.labelled(metrics.ATTEMPTS, verdict).inc()
-        if verdict == "retry":
-            metrics.RETRIES.inc()
         logger.debug(
             "action=finish_attempt task_id=%s attempt=%s status_code=%s outcome=%s",
             task.id,
@@ -190,15 +188,21 @@ class Worker:
             result.status_code,
             outcome.status,
         )
-        await self._record(outcome, lease_end=task.due)
+        # The attempt and its hook call are counted above whatever becomes of the outcome;
+        # the task only by the outcome it took. A stale attempt's outcome is dropped, and
+        # the attempt that does hold the task (or the clock, failing it) counts the task.
+        if not await self._record(outcome, lease_end=task.due):
+            return
+        if outcome.status == PENDING:
+            metrics.RETRIES.inc()
+            return
         if outcome.status == COMPLETED:
             metrics.TASKS_COMPLETED.inc()
         elif outcome.status == FAILED:
             metrics.TASKS_FAILED.inc()
-        if outcome.status != PENDING:
-            metrics.labelled(metrics.TASK_SECONDS, outcome.status.lower()).observe(
-                max(now - task.created, 0.0)
-            )
+        metrics.labelled(metrics.TASK_SECONDS, outcome.status.lower()).observe(
+            max(now - task.created, 0.0)
+        )
 
     async def _call(self, task: Task) -> HookResult:
         if self._untraced:
@@ -217,19 +221,19 @@ class Worker:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, result.error))
             return result
 
-    async def _record(self, outcome: Outcome, lease_end: float) -> None:
+    async def _record(self, outcome: Outcome, lease_end: float) -> bool:
         """Write ``outcome``, retrying while the database is unavailable, until the lease ends.
 
-        A PostgreSQL restart or failover takes longer than a few tries: given up on, the
-        outcome would be lost, the hook called again, and a last attempt that succeeded
+        Returns whether the task took it: False for a stale attempt's outcome, or one given
+        up on. A PostgreSQL restart or failover takes longer than a few tries: given up on,
+        the outcome would be lost, the hook called again, and a last attempt that succeeded
         failed by the clock when its lease ran out.
         """
         tries = 0
         while True:
             tries += 1
             try:
-                await self._recorder.submit(outcome)
-                return
+                recorded = await self._recorder.submit(outcome)
             except connection_errors() as exc:
                 if tries == 1:
                     logger.error(
@@ -238,17 +242,24 @@ class Worker:
                         outcome.task_id,
                         exc,
                     )
+            else:
+                if not recorded:
+                    metrics.STALE_OUTCOMES.inc()
+                    logger.debug(
+                        "action=record_outcome task_id=%s attempt=%s stale: dropped",
+                        outcome.task_id,
+                        outcome.attempt,
+                    )
+                return recorded
             if tries >= RECORD_ATTEMPTS and time.time() + ERROR_PAUSE_S >= lease_end:
                 break
             await asyncio.sleep(ERROR_PAUSE_S)
         # The lease will run out and the task will be tried again: at least once holds.
         logger.error("action=record_outcome task_id=%s gave up (try %d)", outcome.task_id, tries)
+        return False
 
-    async def _flush_outcomes(self, outcomes: list[Outcome]) -> list[None]:
-        stale = (await self.store.record(outcomes)).count(False)
-        if stale > 0:
-            metrics.STALE_OUTCOMES.inc(stale)
-        return [None] * len(outcomes)
+    async def _flush_outcomes(self, outcomes: list[Outcome]) -> list[bool]:
+        return await self.store.record(outcomes)
 
     async def _pause(self, seconds: float) -> None:
         try:

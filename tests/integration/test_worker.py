@@ -8,12 +8,21 @@ import time
 import pytest
 
 from ntorque.hooks import AiohttpHookClient
+from ntorque.models import Outcome
 from ntorque.notify import Notifier
 from ntorque.settings import Settings
 from ntorque.store import Store
 from ntorque.worker import Worker
 from tests.conftest import ALL_BACKENDS, backend_param
-from tests.support import HookServer, Reply, new_task, run_until_settled, wait_until, worker_running
+from tests.support import (
+    HookServer,
+    Reply,
+    new_task,
+    run_burst,
+    run_until_settled,
+    wait_until,
+    worker_running,
+)
 
 EVERY = pytest.mark.parametrize("backend", [backend_param(n) for n in ALL_BACKENDS], indirect=True)
 
@@ -156,3 +165,71 @@ async def test_metrics_count_tasks_by_their_final_outcome(
         "attempts failed": 1,
         "hook 5xx failed": 1,
     }
+
+
+# What a finished attempt may add to: the first two count attempts, the rest tasks.
+OUTCOME_METRICS = {
+    "attempts": ("ntorque_attempts_total", {}),  # the verdict's label is added per test
+    "hook calls": ("ntorque_hook_duration_seconds_count", {}),  # and the status class
+    "completed": ("ntorque_tasks_completed_total", {}),
+    "failed": ("ntorque_tasks_failed_total", {}),
+    "retries": ("ntorque_retries_total", {}),
+    "completed duration": ("ntorque_task_duration_seconds_count", {"status": "completed"}),
+    "failed duration": ("ntorque_task_duration_seconds_count", {"status": "failed"}),
+    "stale": ("ntorque_stale_outcomes_total", {}),
+}
+
+
+def _outcome_metrics(verdict: str, status_class: str) -> dict[str, float]:
+    labels = {
+        "attempts": {"outcome": verdict},
+        "hook calls": {"outcome": verdict, "status_class": status_class},
+    }
+    return {
+        key: _sample(name, **labels.get(key, fixed))
+        for key, (name, fixed) in OUTCOME_METRICS.items()
+    }
+
+
+def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {key: after[key] - before[key] for key in after if after[key] != before[key]}
+
+
+async def _newer_attempt_completes(store: Store, task_id: int, now: float) -> None:
+    """What another worker does once a lease has run out: take the next attempt, finish it."""
+    [newer] = await store.acquire([task_id], now=now)
+    # The class's own record: a test may have put a faulty one on this instance.
+    await Store.record(store, [Outcome(task_id, newer.retry_count, "COMPLETED", now, 200, None)])
+
+
+@pytest.mark.parametrize(
+    ("answer", "verdict"), [(200, "completed"), (404, "failed"), (503, "retry")]
+)
+async def test_a_stale_outcome_counts_its_attempt_but_not_the_task(
+    settings: Settings,
+    store: Store,
+    notifier: Notifier,
+    hook_server: HookServer,
+    answer: int,
+    verdict: str,
+) -> None:
+    # Given a hook call still running when a newer attempt has taken the task (the first
+    # attempt's lease ran out) and completed it
+    url = hook_server.script("/slow", Reply(status=answer, delay_s=0.5))
+    [task] = await store.add_tasks([new_task(url)])
+    before = _outcome_metrics(verdict, f"{answer // 100}xx")
+    running = asyncio.create_task(run_burst(settings, store, notifier))
+    try:
+        await wait_until(lambda: hook_server.count("/slow") == 1, timeout_s=10, message="call")
+        await _newer_attempt_completes(store, task.id, now=time.time() + 3600)
+    finally:
+        # When the first attempt's late answer comes in (the burst ends once it is handled)
+        async with asyncio.timeout(15):
+            await running
+    # Then the attempt and its hook call count, but the task was completed by the newer
+    # attempt: the stale outcome adds nothing to the task counters or durations
+    after = _outcome_metrics(verdict, f"{answer // 100}xx")
+    assert _delta(after, before) == {"attempts": 1, "hook calls": 1, "stale": 1}
+    stored = await store.get_task(task.id)
+    assert stored is not None
+    assert (stored.status, stored.retry_count, stored.last_status) == ("COMPLETED", 2, 200)
