@@ -243,6 +243,18 @@ class Worker:
                         exc,
                     )
             else:
+                if not recorded and tries > 1 and time.time() < lease_end:
+                    # A failed try may have committed before its connection broke: the
+                    # write went through, only the answer was lost. Until the lease ends
+                    # nothing but this attempt's own write can move its task on (no one may
+                    # acquire or fail it before then), so "not taken" then means taken by
+                    # an earlier try: counted, or no one would ever count this task. An
+                    # answer after the lease is ambiguous and stays stale: a lost answer
+                    # needs the connection to break between commit and reply, a statement
+                    # that never reached the database is the usual failure, and then the
+                    # newer attempt or the clock counts the task: counting it here as well
+                    # would count it twice.
+                    recorded = True
                 if not recorded:
                     metrics.STALE_OUTCOMES.inc()
                     logger.debug(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
@@ -11,7 +12,7 @@ from ntorque.hooks import AiohttpHookClient
 from ntorque.models import Outcome
 from ntorque.notify import Notifier
 from ntorque.settings import Settings
-from ntorque.store import Store
+from ntorque.store import Store, StoreUnavailable
 from ntorque.worker import Worker
 from tests.conftest import ALL_BACKENDS, backend_param
 from tests.support import (
@@ -233,3 +234,89 @@ async def test_a_stale_outcome_counts_its_attempt_but_not_the_task(
     stored = await store.get_task(task.id)
     assert stored is not None
     assert (stored.status, stored.retry_count, stored.last_status) == ("COMPLETED", 2, 200)
+
+
+async def test_an_outcome_whose_answer_was_lost_is_counted_once(
+    settings: Settings,
+    store: Store,
+    notifier: Notifier,
+    hook_server: HookServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a database that writes the first outcome, then loses the answer (the connection
+    # breaks between commit and reply), so the worker tries again within the lease
+    url = hook_server.script("/h", 200)
+    [task] = await store.add_tasks([new_task(url, timeout=10)])
+    record = store.record
+    tries = 0
+
+    async def answer_lost_once(outcomes: list[Outcome]) -> Any:
+        nonlocal tries
+        tries += 1
+        written = await record(outcomes)
+        if tries == 1:
+            raise StoreUnavailable("ConnectionResetError: connection lost after COMMIT")
+        return written
+
+    monkeypatch.setattr(store, "record", answer_lost_once)
+    before = _outcome_metrics("completed", "2xx")
+    # When the worker handles the task
+    await run_burst(settings, store, notifier)
+    # Then the second try found the outcome already written, by its own first try: the
+    # task is counted once, and nothing was stale
+    assert tries == 2
+    after = _outcome_metrics("completed", "2xx")
+    assert _delta(after, before) == {
+        "attempts": 1,
+        "hook calls": 1,
+        "completed": 1,
+        "completed duration": 1,
+    }
+    stored = await store.get_task(task.id)
+    assert stored is not None and (stored.status, stored.retry_count) == ("COMPLETED", 1)
+
+
+async def test_an_outcome_refused_until_its_lease_ran_out_is_stale(
+    settings: Settings,
+    store: Store,
+    notifier: Notifier,
+    hook_server: HookServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a database that refuses the first outcome, and lets the next try in only once
+    # the attempt's lease has run out and a newer attempt has completed the task
+    url = hook_server.script("/h", 200)
+    [task] = await store.add_tasks([new_task(url, timeout=1)])
+    record = store.record
+    tries = 0
+    newer_done = asyncio.Event()
+
+    async def down_until_the_lease_ran_out(outcomes: list[Outcome]) -> Any:
+        nonlocal tries
+        tries += 1
+        if tries == 1:
+            raise StoreUnavailable("ConnectionRefusedError: the database is down")
+        await newer_done.wait()
+        return await record(outcomes)
+
+    monkeypatch.setattr(store, "record", down_until_the_lease_ran_out)
+    before = _outcome_metrics("completed", "2xx")
+    running = asyncio.create_task(run_burst(settings, store, notifier))
+    try:
+        await wait_until(lambda: tries == 1, timeout_s=10, message="the refused try")
+        leased = await store.get_task(task.id)
+        assert leased is not None and leased.retry_count == 1
+        await asyncio.sleep(max(leased.due - time.time(), 0) + 0.05)
+        await _newer_attempt_completes(store, task.id, now=time.time())
+        newer_done.set()
+    finally:
+        newer_done.set()
+        # When the worker's outcome is answered, after the lease
+        async with asyncio.timeout(15):
+            await running
+    # Then it is stale: the newer attempt counts the task, so the worker does not
+    assert tries == 2
+    after = _outcome_metrics("completed", "2xx")
+    assert _delta(after, before) == {"attempts": 1, "hook calls": 1, "stale": 1}
+    stored = await store.get_task(task.id)
+    assert stored is not None and (stored.status, stored.retry_count) == ("COMPLETED", 2)
