@@ -71,7 +71,7 @@ async def _services(settings: Settings, role: str, *, in_process: bool) -> Async
     from . import observe, tracing
     from .notify import create_notifier
     from .process import tune_gc
-    from .web import open_store
+    from .store import open_store
 
     tracing.setup_tracing(role)
     store = await open_store(settings)
@@ -259,7 +259,7 @@ def _web(settings: Settings, host: str) -> None:
 
 
 async def _create_app(settings: Settings, name: str) -> str:
-    from .web import open_store
+    from .store import open_store
 
     store = await open_store(settings)
     try:
@@ -270,7 +270,7 @@ async def _create_app(settings: Settings, name: str) -> str:
 
 
 async def _set_active(settings: Settings, name: str, active: bool) -> int:
-    from .web import open_store
+    from .store import open_store
 
     store = await open_store(settings)
     try:

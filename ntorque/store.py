@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -21,6 +22,8 @@ from .constants import COMPLETED, FAILED, PENDING
 from .models import NewTask, Outcome, Task
 from .schema import applications, tasks
 from .settings import Settings
+
+logger = logging.getLogger("ntorque.store")
 
 # Largest id PostgreSQL's BIGINT holds: anything beyond is "no such task", not an error.
 MAX_TASK_ID = 2**63 - 1
@@ -616,3 +619,14 @@ def connection_errors() -> tuple[type[Exception], ...]:
         sa.exc.InterfaceError,
         sa.exc.DBAPIError,
     )
+
+
+async def open_store(settings: Settings) -> Store:
+    """A store on a schema that is ready: migrated first where ntorque owns the migration."""
+    if settings.auto_migrate:
+        try:
+            await db.upgrade_async(settings)
+        except connection_errors() as exc:
+            # Serve 503s until the database is back rather than crash-looping.
+            logger.error("could not migrate, database unavailable: %s", exc)
+    return Store.from_settings(settings)

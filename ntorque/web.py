@@ -27,7 +27,7 @@ from .models import NewTask, Task
 from .notify import Notifier, NotifyError, create_notifier
 from .protocol import JsonErrorsProtocol
 from .settings import Settings
-from .store import App, Store, connection_errors
+from .store import App, Store, connection_errors, open_store
 from .validation import BadRequest, read_body, task_from_request
 
 logger = logging.getLogger("ntorque.web")
@@ -391,19 +391,6 @@ def create_app(
             Exception: _server_error,
         },
     )
-
-
-async def open_store(settings: Settings) -> Store:
-    """A store on a schema that is ready: migrated first where ntorque owns the migration."""
-    from .db import upgrade_async
-
-    if settings.auto_migrate:
-        try:
-            await upgrade_async(settings)
-        except connection_errors() as exc:
-            # Serve 503s until the database is back rather than crash-looping.
-            logger.error("could not migrate, database unavailable: %s", exc)
-    return Store.from_settings(settings)
 
 
 def asgi_app() -> ASGIApp:

@@ -477,7 +477,7 @@ async def make_store() -> AsyncIterator[Callable[[Settings], Awaitable[Store]]]:
     opened: list[Store] = []
 
     async def make(settings: Settings) -> Store:
-        from ntorque.web import open_store
+        from ntorque.store import open_store
 
         the_store = await open_store(settings)
         opened.append(the_store)

@@ -89,7 +89,7 @@ async def test_store_round_trip_with_libpq_parameters(empty_db: str, pool_class:
         env["SQLALCHEMY_POOL_CLASS"] = pool_class  # the hot statements then use SQLAlchemy's
     settings = support.make_settings(env)
     database = empty_db.rsplit("/", 1)[1]
-    from ntorque.web import open_store
+    from ntorque.store import open_store
 
     store: Store = await open_store(settings)  # migrates (NTORQUE_AUTO_MIGRATE) first
     try:
