@@ -1,7 +1,9 @@
 """The clock: re-ring for due tasks, fail exhausted ones, delete old finished ones.
 
-Safe to run more than once: requeue only rings (acquire decides), cleanup deletes in
-batches that skip rows another clock holds.
+Safe to run more than once: requeue only rings (acquire decides), and the bound on the
+channel is checked in Redis as each batch is rung, so clocks ringing at once never fill it
+past NTORQUE_NOTIFY_BACKLOG_LIMIT together; fail_exhausted fails (and counts) each task in
+one clock only; cleanup deletes in batches that skip rows another clock holds.
 """
 
 from __future__ import annotations
@@ -72,15 +74,18 @@ class Clock:
             if not batch:
                 break
             try:
-                await self.notifier.notify([task_id for _, task_id in batch])
+                # Bounded in the channel itself: other clocks may be ringing at this moment.
+                pushed = await self.notifier.notify_upto(
+                    [task_id for _, task_id in batch], self.settings.notify_backlog_limit
+                )
             except NotifyError as exc:
                 metrics.NOTIFY_FAILURES.labels(role="clock").inc()
                 logger.warning("action=requeue stopped, notification channel down: %s", exc)
                 break
-            rung += len(batch)
-            room -= len(batch)
+            rung += pushed
+            room -= pushed
             after = batch[-1]
-            if len(batch) < limit:
+            if pushed < len(batch) or len(batch) < limit:
                 break
         if rung:
             metrics.REQUEUED.inc(rung)

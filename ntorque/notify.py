@@ -33,6 +33,13 @@ class Notifier(Protocol):
     async def notify(self, ids: Sequence[int]) -> None:
         """Ring for ``ids``; raise :class:`NotifyError` if the channel is down."""
 
+    async def notify_upto(self, ids: Sequence[int], limit: int) -> int:
+        """Ring for the first of ``ids`` while fewer than ``limit`` wait; how many were rung.
+
+        Checking the length and ringing are one step, so clocks ringing at once cannot
+        together fill the channel past ``limit``.
+        """
+
     async def wait(self, max_items: int, timeout_s: float) -> list[int]:
         """Up to ``max_items`` ids, waiting at most ``timeout_s`` for the first; [] if none."""
 
@@ -56,6 +63,21 @@ def redis_client(settings: Settings, **kwargs: Any) -> aioredis.Redis:
     return aioredis.Redis.from_url(settings.redis_url, **options)
 
 
+# RPUSH the ids ARGV[2..] while the list is shorter than ARGV[1]; how many were pushed.
+# Atomic in Redis, unlike LLEN then RPUSH from the client. Pushed in slices: Lua's unpack
+# takes a few thousand values at most.
+_RPUSH_UPTO = """
+local n = math.min(tonumber(ARGV[1]) - redis.call('LLEN', KEYS[1]), #ARGV - 1)
+local i = 2
+while i <= n + 1 do
+  local j = math.min(i + 999, n + 1)
+  redis.call('RPUSH', KEYS[1], unpack(ARGV, i, j))
+  i = j + 1
+end
+return math.max(n, 0)
+"""
+
+
 class RedisNotifier:
     kind = "redis"
     rings = True
@@ -66,12 +88,21 @@ class RedisNotifier:
         # BLPOP holds its connection for the whole wait: keep it off the client's pool.
         self._blocking = redis_client(settings, socket_timeout=None)
         self._blmpop = True
+        self._rpush_upto = self._client.register_script(_RPUSH_UPTO)
 
     async def notify(self, ids: Sequence[int]) -> None:
         if not ids:
             return
         try:
             await self._client.rpush(self.channel, *ids)
+        except (RedisError, OSError) as exc:
+            raise NotifyError(str(exc)) from exc
+
+    async def notify_upto(self, ids: Sequence[int], limit: int) -> int:
+        if not ids:
+            return 0
+        try:
+            return int(await self._rpush_upto(keys=[self.channel], args=[limit, *ids]))
         except (RedisError, OSError) as exc:
             raise NotifyError(str(exc)) from exc
 
@@ -133,6 +164,17 @@ class LocalNotifier:
         if self._ids:
             self._event.set()
 
+    async def notify_upto(self, ids: Sequence[int], limit: int) -> int:
+        rung = 0
+        for task_id in ids:
+            if task_id not in self._ids and len(self._ids) >= limit:
+                break
+            self._ids[task_id] = None  # already waiting: rung, at no cost
+            rung += 1
+        if self._ids:
+            self._event.set()
+        return rung
+
     async def wait(self, max_items: int, timeout_s: float) -> list[int]:
         if not self._ids:
             self._event.clear()
@@ -161,6 +203,9 @@ class PollingNotifier:
 
     async def notify(self, ids: Sequence[int]) -> None:
         return None
+
+    async def notify_upto(self, ids: Sequence[int], limit: int) -> int:
+        return 0
 
     async def wait(self, max_items: int, timeout_s: float) -> list[int]:
         await asyncio.sleep(timeout_s)

@@ -17,7 +17,7 @@ from ntorque.notify import Notifier
 from ntorque.schema import tasks
 from ntorque.settings import Settings
 from ntorque.store import Store
-from tests.conftest import Backend
+from tests.conftest import Backend, backend_param, notifier_for
 from tests.support import new_task, wait_until
 
 URL = "http://127.0.0.1:9/hook"
@@ -88,6 +88,31 @@ async def test_requeue_of_a_big_backlog_stays_bounded_and_in_due_order(
         rest = await notifier.wait(2000, 1.0)
         assert rest[:1300] == list(range(newest - 700, newest - 2000, -1))
         assert rest[1300:] == list(range(newest, newest - 700, -1))
+
+
+# Several clocks are several processes: they share a channel only through Redis.
+@pytest.mark.parametrize("backend", [backend_param("postgres-redis")], indirect=True)
+@pytest.mark.ntorque_env(NTORQUE_NOTIFY_BACKLOG_LIMIT="300", NTORQUE_REQUEUE_BATCH="100")
+async def test_three_clocks_requeueing_at_once_never_fill_the_channel_past_its_bound(
+    backend: Backend, settings: Settings, store: Store, notifier: Notifier
+) -> None:
+    # Given a backlog of 1,000 due tasks and three clocks (each its own Redis connection).
+    await store.add_tasks([new_task(URL) for _ in range(1000)])
+    others = [notifier_for(backend) for _ in range(2)]
+    clocks = [Clock(settings, store, n) for n in [notifier, *others]]
+    try:
+        for _ in range(3):
+            # When all three requeue at the same moment (each reads the list's length
+            # before any of them rings), then workers take half of what waits.
+            rung = await asyncio.gather(*(clock.requeue() for clock in clocks))
+            # Then together they fill the list up to the bound, never past it.
+            assert await notifier.pending() == 300, f"rung {rung}"
+            taken = await notifier.wait(150, 1.0)
+            assert len(taken) == 150
+            await store.acquire(taken)  # a clock may have rung a task another one rang
+    finally:
+        for other in others:
+            await other.close()
 
 
 async def test_requeue_skips_finished_and_not_yet_due(

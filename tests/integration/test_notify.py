@@ -32,6 +32,18 @@ async def test_notify_then_wait_in_order(notifier: Notifier) -> None:
 
 
 @pytest.mark.parametrize("backend", RINGING, indirect=True)
+async def test_notify_upto_rings_in_order_up_to_the_limit(notifier: Notifier) -> None:
+    # More ids than one Lua unpack takes, and a limit that cuts the last slice short.
+    assert await notifier.notify_upto(list(range(1, 2501)), 2200) == 2200
+    assert await notifier.pending() == 2200
+    assert await notifier.notify_upto([9999], 2200) == 0, "full: nothing more is rung"
+    assert await notifier.notify_upto([], 5000) == 0
+    assert await notifier.wait(3000, 1.0) == list(range(1, 2201))
+    assert await notifier.notify_upto([7, 8], 1) == 1
+    assert await notifier.wait(10, 1.0) == [7]
+
+
+@pytest.mark.parametrize("backend", RINGING, indirect=True)
 async def test_wait_returns_empty_after_its_timeout(notifier: Notifier) -> None:
     async with asyncio.timeout(10):
         assert await notifier.wait(10, 0.1) == []
