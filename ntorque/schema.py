@@ -55,6 +55,9 @@ tasks = sa.Table(
     sa.Column("last_status", sa.Integer, nullable=True),
     sa.Column("last_error", sa.Text, nullable=True),
     sa.CheckConstraint("status IN ('PENDING', 'COMPLETED', 'FAILED')", name="status"),
+    # A task id names one task for good: without AUTOINCREMENT SQLite hands the id of the
+    # newest row again once cleanup has deleted it (PostgreSQL's sequence never does).
+    sqlite_autoincrement=True,
 )
 
 # Acquire, requeue and the backlog gauge only ever look at pending tasks: a partial index

@@ -60,6 +60,20 @@ async def test_cleanup_deletes_only_old_finished_tasks(
     assert await Clock(settings, store, notifier).cleanup() == 0
 
 
+@pytest.mark.ntorque_env(NTORQUE_CLEANUP_AFTER_DAYS="0")
+async def test_a_cleaned_up_tasks_id_is_never_given_to_a_new_task(
+    settings: Settings, store: Store, notifier: Notifier
+) -> None:
+    # Given the newest tasks finished and cleaned up (a client may still hold their ids)
+    old = [t.id for t in await store.add_tasks([new_task(URL) for _ in range(3)])]
+    await set_rows(store, old, status="COMPLETED", modified=time.time() - 1)
+    assert await Clock(settings, store, notifier).cleanup() == 3
+    # When a new task is stored, then it gets an id of its own: /tasks/<old id> stays 404.
+    [new] = await store.add_tasks([new_task(URL)])
+    assert new.id > max(old)
+    assert await store.get_task(max(old)) is None
+
+
 @pytest.mark.ntorque_env(NTORQUE_NOTIFY_BACKLOG_LIMIT="2000", NTORQUE_REQUEUE_BATCH="500")
 async def test_requeue_of_a_big_backlog_stays_bounded_and_in_due_order(
     backend: Backend, settings: Settings, store: Store, notifier: Notifier
