@@ -311,7 +311,8 @@ class HookServer:
 
     Paths: ``/ok`` 200; ``/fail`` 500; ``/status/<code>``; ``/slow/<ms>`` sleeps then 200;
     ``/jitter/<lo>/<hi>`` sleeps a random lo..hi ms then 200; ``/flaky/<n>`` answers 500 to
-    attempts 0..n-1 (by ``NTORQUE-TASK-RETRY-COUNT``), then 200.
+    attempts 0..n-1 (by ``NTORQUE-TASK-RETRY-COUNT``), then 200; ``/hang/<n>`` answers 500 to
+    attempts 0..n-1, then takes 4 s to answer 200 (enqueue it with a shorter timeout).
     """
 
     port: int = field(default_factory=free_port)
@@ -354,6 +355,11 @@ class HookServer:
         elif parts[0] == "flaky":
             await asyncio.sleep(random.uniform(0.005, 0.03))
             status = 500 if delivery.retry_count < int(parts[1]) else 200
+        elif parts[0] == "hang":
+            if delivery.retry_count < int(parts[1]):
+                status = 500
+            else:
+                await asyncio.sleep(4)
         elif parts[0] == "jitter":
             await asyncio.sleep(random.uniform(int(parts[1]), int(parts[2])) / 1000)
         delivery.finished = time.monotonic()
