@@ -12,6 +12,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from tests.acceptance.harness import (
     Api,
     HookServer,
@@ -20,6 +22,7 @@ from tests.acceptance.harness import (
     free_port,
     start_role,
     start_web,
+    wait_for,
     wait_http,
     wait_output,
 )
@@ -125,3 +128,53 @@ async def test_procfile_roles_without_database_or_redis_share_the_sqlite_file(
         await api.close()
     assert all(hook.count(task_id) == 1 for task_id in ids)
     assert all(done[task_id]["retry_count"] == 1 for task_id in ids)
+
+
+async def test_two_workers_and_two_clocks_on_one_sqlite_file_never_answer_500(
+    processes: Processes, hook: HookServer, tmp_path: Path
+) -> None:
+    """Separate processes taking SQLite's one write lock in turn: no 500, no crash, no error."""
+    env = base_env(
+        tmp_path,
+        NTORQUE_SQLITE_PATH=str(tmp_path / "shared.sqlite3"),
+        NTORQUE_CLEANUP_AFTER_DAYS="0",
+        NTORQUE_CLEANUP_BATCH="5",
+        NTORQUE_REQUEUE_INTERVAL="0.05",
+        NTORQUE_POLL_INTERVAL="0.05",
+    )
+    await processes.run("release", processes.procfile["release"], env)
+    created = await processes.run("create-app", "ntorque create-app --name many", env)
+    assert created.returncode == 0, created.output()
+    base = await start_web(processes, {**env, "WEB_CONCURRENCY": "2"})
+    for i in range(2):
+        await start_role(processes, "worker", env, f"worker{i}")
+        await start_role(processes, "clock", env, f"clock{i}")
+    answers: list[int] = []
+    expected: dict[int, int] = {}
+    async with httpx.AsyncClient(
+        base_url=base, headers={"NTORQUE-API-KEY": created.stdout().strip()}, timeout=30
+    ) as client:
+        gate = asyncio.Semaphore(20)
+
+        async def enqueue_and_read(i: int) -> None:
+            path, attempts = [("/ok", 1), ("/flaky/2", 3)][i % 2]
+            async with gate:
+                posted = await client.post("/", params={"url": hook.url + path}, content=b"x")
+                answers.append(posted.status_code)
+                if posted.status_code == 201:
+                    expected[posted.json()["id"]] = attempts
+                    answers.append((await client.get(posted.headers["location"])).status_code)
+
+        await asyncio.gather(*(enqueue_and_read(i) for i in range(200)))
+    # Every task answered 201 and was readable (or already done and cleaned up: 404).
+    assert set(answers) <= {201, 200, 404} and answers.count(201) == 200, sorted(set(answers))
+    calls = sum(expected.values())
+    await wait_for(lambda: len(hook.deliveries) >= calls, 60, f"{calls} hook calls", 0.1)
+    await asyncio.sleep(0.5)  # a repeated attempt would arrive by now
+    for task_id, attempts in expected.items():
+        tried = [d.retry_count for d in hook.deliveries if d.task_id == task_id]
+        assert sorted(tried) == list(range(attempts)), (task_id, tried)
+    for proc in processes.started:
+        if proc.name not in ("release", "create-app"):
+            assert proc.returncode is None, proc.name
+        assert " ERROR " not in proc.output() and "Traceback" not in proc.output(), proc.name
