@@ -48,28 +48,35 @@ class OneWritePerTurn:
 
     uvicorn writes a response's head and its body separately: two sends, and often two
     wake-ups of the client, where one would do. On this path every wake-up of another
-    process costs more than the rest of the request (bench A, py-spy). The first write of a
-    turn is held and joined by any that follow; the turn's end (or a close) sends them.
+    process costs more than the rest of the request (bench A, py-spy). A write is held until
+    the next one (a body after its head), which sends both at once; one left alone goes at
+    the end of the turn, or at a close. Holding everything to the end of the turn instead
+    delays each answer behind the rest of the turn's work: A ran ~3.5 % slower that way.
     """
 
     __slots__ = ("_held", "_loop", "_transport")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
-        self._held: list[bytes] = []
+        self._held: bytes | None = None
         self._loop = loop
 
     def write(self, data: bytes) -> None:
-        if not self._held:
+        held = self._held
+        if held is None:
+            self._held = data
             self._loop.call_soon(self.flush)
-        self._held.append(data)
+        else:
+            # The body after its head: both go now, not at the end of the turn.
+            self._held = None
+            self._transport.write(held + data)
 
     def flush(self) -> None:
-        if self._held:
-            data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
-            self._held.clear()
+        held = self._held
+        if held is not None:
+            self._held = None
             if not self._transport.is_closing():
-                self._transport.write(data)
+                self._transport.write(held)
 
     def close(self) -> None:
         self.flush()
