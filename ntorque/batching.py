@@ -26,8 +26,12 @@ class Batcher(Generic[T, R]):
         max_batch: int = 500,
         concurrency: int = 2,
         name: str = "batch",
+        skip_abandoned: bool = False,
     ) -> None:
         self._flush = flush
+        # Leave out of a batch the items whose caller gave up (its future cancelled) while
+        # they queued: for callers that told their client the item was not taken.
+        self._skip_abandoned = skip_abandoned
         self._max_batch = max_batch
         self._concurrency = concurrency
         self._name = name
@@ -49,6 +53,10 @@ class Batcher(Generic[T, R]):
     async def _run(self) -> None:
         while self._queue:
             batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
+            if self._skip_abandoned:
+                batch = [entry for entry in batch if not entry[1].done()]
+                if not batch:
+                    continue
             items = [item for item, _ in batch]
             try:
                 results = await self._flush(items)

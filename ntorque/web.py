@@ -54,8 +54,14 @@ class Api:
         self.settings = settings
         self.store = store
         self.notifier = notifier
+        # An enqueue that gave up (503) while queued is not inserted later: its client was
+        # told to try again, and would otherwise have two tasks.
         self.inserter: Batcher[NewTask, Task] = Batcher(
-            self._insert_and_notify, max_batch=1000, concurrency=3, name="enqueue"
+            self._insert_and_notify,
+            max_batch=1000,
+            concurrency=3,
+            name="enqueue",
+            skip_abandoned=True,
         )
         self._keys: dict[str, tuple[App | None, float]] = {}
         self._lookups: dict[str, asyncio.Task[App | None]] = {}

@@ -117,3 +117,22 @@ async def test_a_cancelled_caller_does_not_cancel_the_shared_flush() -> None:
     assert await stayer == 20
     await batcher.drain()
     assert [1, 2] in rec.batches, "the cancelled caller's item was still flushed"
+
+
+async def test_with_skip_abandoned_an_item_given_up_while_queued_is_not_flushed() -> None:
+    rec = Recorder()
+    rec.gate.clear()
+    batcher: Batcher[int, int] = Batcher(rec.flush, concurrency=1, skip_abandoned=True)
+    first = asyncio.create_task(batcher.submit(0))
+    await spin()
+    quitter = asyncio.create_task(batcher.submit(1))
+    stayer = asyncio.create_task(batcher.submit(2))
+    alone = asyncio.create_task(batcher.submit(3))
+    await spin()
+    quitter.cancel()
+    rec.gate.set()
+    assert await first == 0
+    assert await stayer == 20
+    assert await alone == 30
+    await batcher.drain()
+    assert rec.batches == [[0], [2, 3]], "the item given up while queued was flushed"
