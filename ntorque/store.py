@@ -42,6 +42,8 @@ _COLUMNS = (
     "id, app_id, url, method, timeout, body, content_type, headers, trace_context, status,"
     " retry_count, due, created, modified, last_status, last_error"
 )
+_PG_GET = f"SELECT {_COLUMNS} FROM tasks WHERE id = $1"
+_PG_GET_FOR_APP = f"SELECT {_COLUMNS} FROM tasks WHERE id = $1 AND app_id = $2"
 _PG_INSERT = """
 INSERT INTO tasks (app_id, url, method, timeout, body, content_type, headers, trace_context,
                    status, retry_count, due, created, modified)
@@ -191,6 +193,12 @@ class Store:
                     raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
                 except asyncpg.PostgresError as exc:
                     raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+                except asyncio.CancelledError:
+                    # Given up mid-statement: in doubt, and closing it gracefully would wait
+                    # for the server. Invalidated here (outside SQLAlchemy's greenlet), it
+                    # is terminated at once.
+                    fairy.invalidate()
+                    raise
             return
         # No acquire timeout: it would cost a task per call. Connecting is bounded by the
         # connect timeout, and the pool is larger than the few flushes that share it.
@@ -204,6 +212,13 @@ class Store:
         except broken as exc:
             raw.terminate()  # a closed connection leaves the pool when released
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        except asyncio.CancelledError:
+            # Given up mid-statement (the web's database deadline): released as it is, the
+            # connection would first wait for asyncpg's cancel request to reach the server,
+            # for ever with the server black-holed (measured). It is in doubt anyway:
+            # closed, it leaves the pool at once.
+            raw.terminate()
+            raise
         except asyncpg.PostgresError as exc:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
         finally:
@@ -394,6 +409,16 @@ class Store:
         """The task, or None if it does not exist or belongs to another app."""
         if not 0 < task_id <= MAX_TASK_ID:
             return None
+        if self._is_pg:
+            # asyncpg directly: SQLAlchemy closes a connection whose statement was given up
+            # (the web's database deadline) gracefully, waiting up to 2 s more for an
+            # unreachable server before the request can answer 503.
+            async with self._pg() as conn:
+                if app_id is None:
+                    found = await conn.fetchrow(_PG_GET, task_id)
+                else:
+                    found = await conn.fetchrow(_PG_GET_FOR_APP, task_id, app_id)
+            return None if found is None else Task.from_mapping(found)
         query = sa.select(tasks).where(tasks.c.id == task_id)
         if app_id is not None:
             query = query.where(tasks.c.app_id == app_id)
