@@ -88,7 +88,9 @@ class Api:
             async with self.deadlines(self.settings.db_timeout_s):
                 return await awaitable
         except connection_errors() as exc:
-            logger.error("database unavailable: %s", exc)
+            # A deadline's TimeoutError says nothing by itself.
+            reason = str(exc) or f"no answer within {self.settings.db_timeout_s:g} s"
+            logger.error("database unavailable: %s", reason)
             raise ApiError(503, "the database is unavailable, try again", "unavailable") from exc
 
     async def authenticate(self, request: Request) -> App | None:

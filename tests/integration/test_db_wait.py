@@ -106,7 +106,7 @@ class FreezingProxy:
 
 @pytest.mark.parametrize("pool_class", ["QueuePool", "NullPool"])
 async def test_a_task_read_from_a_black_holed_database_is_answered_503_within_the_timeout(
-    pg_url: str, store: Store, pool_class: str
+    pg_url: str, store: Store, pool_class: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Given the web reaching PostgreSQL through a proxy, and a task
     task = (await store.add_tasks([new_task("http://127.0.0.1:9/x")]))[0]
@@ -131,6 +131,9 @@ async def test_a_task_read_from_a_black_holed_database_is_answered_503_within_th
             # Then the read is answered 503 in JSON within the timeout, not seconds after it
             assert answer.status_code == 503 and answer.json()["code"] == "unavailable"
             assert waited < 1.6, f"answered after {waited:.2f}s (NTORQUE_DB_TIMEOUT=1)"
+            # And the log says why, even when the deadline (a bare TimeoutError) ended it
+            logged = [r.getMessage() for r in caplog.records if r.name == "ntorque.web"]
+            assert logged and not any(m.endswith(": ") for m in logged), logged
             # And once the database answers again, so does the web
             proxy.frozen = False
             answer = await client.get(f"/tasks/{task.id}")
