@@ -421,9 +421,10 @@ class Bench:
             if drain:
                 rate = a.backlog / (stats["last"] - stats["first"])
                 self.results.add(f"{prefix}_drain_rate", rate)
-                self.results.add(
-                    f"{prefix}_worker_cpu_us", cpu / (a.backlog - first["unique"]) * 1e6
-                )
+                # A small backlog (--quick) may be gone by the first look: nothing measured.
+                measured = a.backlog - first["unique"]
+                if measured > 0:
+                    self.results.add(f"{prefix}_worker_cpu_us", cpu / measured * 1e6)
         self.stop("worker")
         await self.clear_channel()
 
