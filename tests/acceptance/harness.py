@@ -284,6 +284,13 @@ async def start_web(processes: Processes, env: dict[str, str], name: str = "web"
     return base
 
 
+async def create_app(processes: Processes, env: dict[str, str]) -> str:
+    """``ntorque create-app`` as an operator runs it; the new app's API key."""
+    proc = await processes.run("create-app", "ntorque create-app --name acceptance", env)
+    assert proc.returncode == 0, proc.output()
+    return proc.stdout().strip()
+
+
 async def start_role(processes: Processes, role: str, env: dict[str, str], name: str) -> Proc:
     """Start a worker or clock; ready once its metrics port answers (it opened its store)."""
     port = free_port()

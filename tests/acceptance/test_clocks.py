@@ -20,6 +20,7 @@ from tests.acceptance.harness import (
     Api,
     HookServer,
     Processes,
+    create_app,
     get_text,
     metric_total,
     procfile_env,
@@ -27,7 +28,6 @@ from tests.acceptance.harness import (
     start_web,
     wait_for,
 )
-from tests.acceptance.test_workers import create_app
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 

@@ -31,6 +31,7 @@ from tests.acceptance.harness import (
     Proc,
     Processes,
     base_env,
+    create_app,
     free_port,
     heroku_database_url,
     start_role,
@@ -42,12 +43,6 @@ from tests.acceptance.harness import (
 # What the client allows the web process to answer in: generous on a loaded machine, but
 # bounded, and far below "hangs until the TCP connection dies".
 CLIENT_TIMEOUT_S = 20.0
-
-
-async def create_app(processes: Processes, env: dict[str, str]) -> str:
-    proc = await processes.run("create-app", "ntorque create-app --name outages", env)
-    assert proc.returncode == 0, proc.output()
-    return proc.stdout().strip()
 
 
 # -- Redis ----------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from tests.acceptance.harness import (
     HookServer,
     Proc,
     Processes,
+    create_app,
     get_text,
     metric_total,
     procfile_env,
@@ -28,12 +29,6 @@ from tests.acceptance.harness import (
 )
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
-
-
-async def create_app(processes: Processes, env: dict[str, str]) -> str:
-    proc = await processes.run("create-app", "ntorque create-app --name acceptance", env)
-    assert proc.returncode == 0, proc.output()
-    return proc.stdout().strip()
 
 
 async def test_three_workers_fed_duplicate_notifications_never_repeat_an_attempt(
