@@ -126,7 +126,11 @@ class Api:
         return lookup
 
     async def _fetch_app(self, key: str) -> App | None:
-        app = await self.store.app_for_key(key)
+        # A deadline of its own: the requests waiting on it each give up at theirs, but a
+        # lookup stuck on a dead connection would otherwise be joined by every later request
+        # for the key until the driver's statement timeout (30 s), the database long back.
+        async with self.deadlines(self.settings.db_timeout_s):
+            app = await self.store.app_for_key(key)
         if app is not None:
             if len(self._keys) > 10_000:
                 self._keys.clear()

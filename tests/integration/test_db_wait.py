@@ -140,3 +140,46 @@ async def test_a_task_read_from_a_black_holed_database_is_answered_503_within_th
             assert answer.status_code == 200, answer.text
     finally:
         await proxy.close()
+
+
+async def test_a_key_lookup_stuck_on_a_silent_database_is_given_up_at_the_timeout(
+    pg_url: str, store: Store
+) -> None:
+    # Given authentication on, an app's key not cached, and the web reaching PostgreSQL
+    # through a proxy
+    _, key = await store.create_app("stuck-lookup")
+    url = sa.make_url(pg_url)
+    proxy = FreezingProxy(url.port or 5432)
+    port = await proxy.start()
+    env = {
+        **make_env(
+            NTORQUE_AUTHENTICATE="true",
+            NTORQUE_DB_TIMEOUT="1",
+            NTORQUE_AUTO_MIGRATE="false",
+            NTORQUE_AUTH_CACHE_SECONDS="0",
+        ),
+        "DATABASE_URL": url.set(port=port).render_as_string(hide_password=False),
+    }
+    try:
+        async with api_client(Settings.from_env(env), key=key) as client:
+            assert (await client.get("/tasks/1")).status_code == 404  # the key works
+            # When the database goes silent while the key is looked up (its connection left
+            # open, its answer never coming)
+            proxy.frozen = True
+            assert (await client.get("/tasks/1")).status_code == 503
+            # And answers again soon after
+            proxy.frozen = False
+            # Then the lookup stuck on the silent connection is given up at the timeout
+            # (and its connection closed), and a fresh one serves the key: not 503s until
+            # the driver's own 30 s statement timeout
+            statuses = []
+            deadline = time.monotonic() + 8
+            while time.monotonic() < deadline:
+                answer = await client.get("/tasks/1")
+                statuses.append(answer.status_code)
+                if answer.status_code == 404:
+                    break
+                await asyncio.sleep(0.2)
+            assert statuses[-1] == 404, statuses
+    finally:
+        await proxy.close()
