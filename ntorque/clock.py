@@ -15,7 +15,7 @@ import time
 from . import metrics
 from .notify import Notifier, NotifyError
 from .settings import Settings
-from .store import Store, connection_errors
+from .store import Store, connection_errors, describe
 
 logger = logging.getLogger("ntorque.clock")
 
@@ -53,7 +53,7 @@ class Clock:
         try:
             await step()  # type: ignore[operator]
         except connection_errors() as exc:
-            logger.error("action=%s failed, database unavailable: %s", action, exc)
+            logger.error("action=%s failed, database unavailable: %s", action, describe(exc))
 
     async def requeue(self) -> int:
         """Ring for due tasks in due order, never filling the channel past its bound."""

@@ -634,6 +634,11 @@ class Store:
             return await conn.run_sync(lambda c: sa.inspect(c).has_table("tasks"))
 
 
+def describe(exc: BaseException) -> str:
+    """An error for the log: a timeout's ``TimeoutError`` carries no message of its own."""
+    return str(exc) or type(exc).__name__
+
+
 def connection_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean 'the database cannot serve us now', whatever the driver."""
     return (
@@ -653,5 +658,5 @@ async def open_store(settings: Settings) -> Store:
             await db.upgrade_async(settings)
         except connection_errors() as exc:
             # Serve 503s until the database is back rather than crash-looping.
-            logger.error("could not migrate, database unavailable: %s", exc)
+            logger.error("could not migrate, database unavailable: %s", describe(exc))
     return Store.from_settings(settings)

@@ -16,7 +16,7 @@ from .hooks import HookClient, HookResult, decide
 from .models import Outcome, Task
 from .notify import Notifier, NotifyError
 from .settings import Settings
-from .store import Store, connection_errors
+from .store import Store, connection_errors, describe
 
 logger = logging.getLogger("ntorque.worker")
 
@@ -137,7 +137,7 @@ class Worker:
             else:
                 acquired = await self.store.acquire_due(free)
         except connection_errors() as exc:
-            logger.error("acquire failed, database unavailable: %s", exc)
+            logger.error("acquire failed, database unavailable: %s", describe(exc))
             await self._pause(ERROR_PAUSE_S)
             return []
         metrics.ACQUIRE_SECONDS.observe(time.perf_counter() - started)
@@ -240,7 +240,7 @@ class Worker:
                         "action=record_outcome task_id=%s failed, retrying until the lease"
                         " ends: %s",
                         outcome.task_id,
-                        exc,
+                        describe(exc),
                     )
             else:
                 if not recorded and tries > 1 and time.time() < lease_end:

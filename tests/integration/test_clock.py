@@ -13,12 +13,12 @@ import sqlalchemy as sa
 from prometheus_client import REGISTRY
 
 from ntorque.clock import Clock
-from ntorque.notify import Notifier
+from ntorque.notify import Notifier, PollingNotifier
 from ntorque.schema import tasks
 from ntorque.settings import Settings
 from ntorque.store import Store
 from tests.conftest import Backend, backend_param, notifier_for
-from tests.support import new_task, wait_until
+from tests.support import make_settings, new_task, wait_until
 
 URL = "http://127.0.0.1:9/hook"
 DAY = 86400.0
@@ -199,3 +199,35 @@ async def test_a_running_clock_with_no_retention_deletes_tasks_finished_after_it
     finally:
         clock.stop()
         await running
+
+
+async def test_a_database_that_never_answers_is_logged_with_a_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a "database" that accepts connections and never answers (a black hole)
+    silent: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = make_settings(
+        DATABASE_URL=f"postgresql://postgres@127.0.0.1:{port}/none", NTORQUE_DB_TIMEOUT="0.3"
+    )
+    store = Store.from_settings(settings)
+    try:
+        # When the clock runs a round against it
+        async with asyncio.timeout(20):
+            await Clock(settings, store, PollingNotifier()).tick()
+    finally:
+        await store.close()
+        for writer in silent:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+    # Then each failed step is logged with what went wrong: a connect timeout carries no
+    # message of its own, and "database unavailable: " alone says nothing
+    logged = [r.getMessage() for r in caplog.records if r.name == "ntorque.clock"]
+    assert logged, "nothing logged"
+    assert all(not m.endswith(": ") for m in logged), logged
