@@ -72,6 +72,12 @@ ENQUEUE_SECONDS = Histogram(
 ENQUEUE_REJECTED = Counter(
     "ntorque_enqueue_rejected", "Enqueue requests refused as bad input, by reason.", ["reason"]
 )
+API_ERRORS = Counter(
+    "ntorque_api_errors",
+    "Requests answered with an error, by status and code: bad input, a bad key, no such task,"
+    " the database unavailable (503), and requests the HTTP layer refused.",
+    ["status", "code"],
+)
 
 # -- worker -----------------------------------------------------------------------------
 TASKS_ACQUIRED = Counter("ntorque_tasks_acquired", "Attempts taken by workers.")
@@ -143,6 +149,7 @@ ROLE_FAMILIES: dict[str, frozenset[str]] = {
             "ntorque_tasks_enqueued",
             "ntorque_enqueue_duration_seconds",
             "ntorque_enqueue_rejected",
+            "ntorque_api_errors",
             "ntorque_notify_failures",
             "ntorque_process_info",
         }
@@ -193,10 +200,19 @@ def labelled(metric: Any, *values: str) -> Any:
     return metric.labels(*values)
 
 
+def api_error(status: int, code: str) -> None:
+    """Count one error answer (codes are ntorque's own few: the labels stay bounded)."""
+    labelled(API_ERRORS, str(status), code).inc()
+
+
 def announce(role: str) -> None:
     """Mark this process alive and create its zero series, so rates start at the first event."""
     PROCESS_INFO.labels(role=role, version=__version__).set(1)
     NOTIFY_FAILURES.labels(role="web" if role == "run" else role)
+    if role in ("web", "run"):
+        # The answers an operator alerts on: a rate of 0 until the first one.
+        API_ERRORS.labels(status="503", code="unavailable")
+        API_ERRORS.labels(status="401", code="unauthorized")
     if role in ("worker", "run"):
         for outcome in OUTCOMES:
             ATTEMPTS.labels(outcome=outcome)

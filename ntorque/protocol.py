@@ -27,6 +27,8 @@ from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from . import metrics
+
 BAD_REQUEST_CODE = "bad_request"
 HEAD_TOO_LARGE_CODE = "headers_too_large"
 HEAD_TIMEOUT_CODE = "head_timeout"
@@ -38,9 +40,8 @@ HEAD_TIMEOUT_CODE = "head_timeout"
 MAX_HEAD_BYTES = 64 * 1024
 
 
-def bad_request_body(message: str) -> bytes:
-    error = f"malformed HTTP request: {message.rstrip('.')}"
-    return json.dumps({"error": error, "code": BAD_REQUEST_CODE}).encode()
+def bad_request_message(message: str) -> str:
+    return f"malformed HTTP request: {message.rstrip('.')}"
 
 
 class OneWritePerTurn:
@@ -139,8 +140,7 @@ class JsonErrorsProtocol(HttpToolsProtocol):
         self._head_bytes += size
         if self._head_bytes > MAX_HEAD_BYTES:
             error = f"the request line and headers are larger than {MAX_HEAD_BYTES} bytes"
-            body = json.dumps({"error": error, "code": HEAD_TOO_LARGE_CODE}).encode()
-            self._send_error(b"431 Request Header Fields Too Large", body)
+            self._send_error(431, b"Request Header Fields Too Large", error, HEAD_TOO_LARGE_CODE)
 
     def _start_head_timer(self) -> None:
         self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
@@ -161,8 +161,7 @@ class JsonErrorsProtocol(HttpToolsProtocol):
         error = (
             f"the request line and headers did not arrive within {self.head_timeout_s:g} seconds"
         )
-        body = json.dumps({"error": error, "code": HEAD_TIMEOUT_CODE}).encode()
-        self._send_error(b"408 Request Timeout", body)
+        self._send_error(408, b"Request Timeout", error, HEAD_TIMEOUT_CODE)
 
     def connection_lost(self, exc: Exception | None) -> None:
         # Always: uvicorn cancels its own keep-alive timer only on a clean close.
@@ -173,10 +172,12 @@ class JsonErrorsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
-        self._send_error(b"400 Bad Request", bad_request_body(msg))
+        self._send_error(400, b"Bad Request", bad_request_message(msg), BAD_REQUEST_CODE)
 
-    def _send_error(self, status: bytes, body: bytes) -> None:
-        head = [b"HTTP/1.1 ", status, b"\r\n"]
+    def _send_error(self, status: int, reason: bytes, error: str, code: str) -> None:
+        metrics.api_error(status, code)
+        body = json.dumps({"error": error, "code": code}).encode()
+        head = [b"HTTP/1.1 %d " % status, reason, b"\r\n"]
         for name, value in self.server_state.default_headers:
             head += [name, b": ", value, b"\r\n"]
         head += [

@@ -44,6 +44,7 @@ class ApiError(Exception):
 
 
 def error_response(status: int, message: str, code: str, **headers: str) -> JSONResponse:
+    metrics.api_error(status, code)
     return JSONResponse({"error": message, "code": code}, status_code=status, headers=headers)
 
 
@@ -306,11 +307,11 @@ async def _bad_request(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     codes = {404: "not_found", 405: "method_not_allowed"}
-    headers = dict(exc.headers or {})
-    return JSONResponse(
-        {"error": exc.detail, "code": codes.get(exc.status_code, "http_error")},
-        status_code=exc.status_code,
-        headers=headers,
+    return error_response(
+        exc.status_code,
+        exc.detail,
+        codes.get(exc.status_code, "http_error"),
+        **dict(exc.headers or {}),
     )
 
 

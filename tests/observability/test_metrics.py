@@ -40,6 +40,18 @@ WEB_FAMILIES = {
     "ntorque_tasks_enqueued",
     "ntorque_enqueue_duration_seconds",
     "ntorque_enqueue_rejected",
+    "ntorque_api_errors",
+}
+# The error answers test_procfile_processes_export_what_happened provokes, by (status, code):
+# the workload's bad URL, then a missing key, an unknown task, a wrong method and a request
+# the HTTP layer refuses before the app sees it. None was a 503: its series is there at 0.
+API_ERRORS = {
+    ("400", "bad_url"): 1,
+    ("401", "unauthorized"): 1,
+    ("404", "not_found"): 1,
+    ("405", "method_not_allowed"): 1,
+    ("400", "bad_request"): 1,
+    ("503", "unavailable"): 0,
 }
 WORKER_FAMILIES = {
     "ntorque_tasks_acquired",
@@ -65,6 +77,31 @@ def web_mismatches(expo: Exposition, sent: Sent, app: str) -> list[str]:
         "rejected": (expo.value("ntorque_enqueue_rejected_total"), sent.rejected),
     }
     return [f"{k}: {got} != {want}" for k, (got, want) in checks.items() if got != want]
+
+
+def api_error_mismatches(expo: Exposition) -> list[str]:
+    return [
+        f"api errors {status} {code}: {got} != {want}"
+        for (status, code), want in API_ERRORS.items()
+        if (got := expo.value("ntorque_api_errors_total", status=status, code=code)) != want
+    ]
+
+
+async def provoke_error_answers(web: str) -> None:
+    """The answers of API_ERRORS after the workload's bad URL, each checked as it comes."""
+    async with httpx.AsyncClient(base_url=web, timeout=10) as anonymous:
+        assert (await anonymous.post("/", params={"url": "http://127.0.0.1:9/"})).status_code == 401
+    async with httpx.AsyncClient(base_url=web, timeout=10) as client:
+        assert (await client.get("/metrics/nothing")).status_code == 404
+        assert (await client.delete("/")).status_code == 405
+    host, port = web.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
+    finally:
+        writer.close()
 
 
 def worker_mismatches(expo: Exposition, sent: Sent) -> list[str]:
@@ -166,11 +203,14 @@ async def test_procfile_processes_export_what_happened(
         assert {tasks[i]["status"] for i in sent.failed} == {"FAILED"}
         assert {tasks[i]["retry_count"] for i in sent.retried} == {2}
         assert hook_server.count() == sent.attempts
+        # and requests are answered with errors,
+        await provoke_error_answers(cluster.web)
 
-        # then web's /metrics counts every task, whichever uvicorn worker took it,
+        # then web's /metrics counts every task and every error answer, whichever uvicorn
+        # worker took it,
         web = await eventually(
             lambda: scrape(client, cluster.web + "/metrics"),
-            lambda e: web_mismatches(e, sent, "obs"),
+            lambda e: web_mismatches(e, sent, "obs") + api_error_mismatches(e),
         )
         assert set(web.families) >= WEB_FAMILIES | PROCESS_FAMILIES
         # (multiprocess mode: one process_* series per uvicorn worker)
@@ -198,6 +238,7 @@ async def test_procfile_processes_export_what_happened(
             return (
                 wrong
                 + web_mismatches(e, sent, "obs")
+                + api_error_mismatches(e)
                 + worker_mismatches(e, sent)
                 + clock_mismatches(e)
             )
