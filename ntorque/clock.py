@@ -53,6 +53,7 @@ class Clock:
         try:
             await step()  # type: ignore[operator]
         except connection_errors() as exc:
+            metrics.DATABASE_ERRORS.labels(role="clock").inc()
             logger.error("action=%s failed, database unavailable: %s", action, describe(exc))
 
     async def requeue(self) -> int:

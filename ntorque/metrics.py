@@ -134,6 +134,11 @@ EXHAUSTED = Counter("ntorque_exhausted", "Tasks failed because their last attemp
 NOTIFY_FAILURES = Counter(
     "ntorque_notify_failures", "Notification channel errors (Redis down), by role.", ["role"]
 )
+DATABASE_ERRORS = Counter(
+    "ntorque_database_errors",
+    "Database calls that failed: unreachable, broken or no answer in time, by role.",
+    ["role"],
+)
 PROCESS_INFO = Gauge(
     "ntorque_process_info",
     "1 for each running ntorque process, by role and version (absent when it is down).",
@@ -151,6 +156,7 @@ ROLE_FAMILIES: dict[str, frozenset[str]] = {
             "ntorque_enqueue_rejected",
             "ntorque_api_errors",
             "ntorque_notify_failures",
+            "ntorque_database_errors",
             "ntorque_process_info",
         }
     ),
@@ -168,6 +174,7 @@ ROLE_FAMILIES: dict[str, frozenset[str]] = {
             "ntorque_task_duration_seconds",
             "ntorque_hooks_in_flight",
             "ntorque_notify_failures",
+            "ntorque_database_errors",
             "ntorque_process_info",
         }
     ),
@@ -181,6 +188,7 @@ ROLE_FAMILIES: dict[str, frozenset[str]] = {
             "ntorque_tasks_failed",
             "ntorque_task_duration_seconds",
             "ntorque_notify_failures",
+            "ntorque_database_errors",
             "ntorque_process_info",
         }
     ),
@@ -209,6 +217,7 @@ def announce(role: str) -> None:
     """Mark this process alive and create its zero series, so rates start at the first event."""
     PROCESS_INFO.labels(role=role, version=__version__).set(1)
     NOTIFY_FAILURES.labels(role="web" if role == "run" else role)
+    DATABASE_ERRORS.labels(role="web" if role == "run" else role)
     if role in ("web", "run"):
         # The answers an operator alerts on: a rate of 0 until the first one.
         API_ERRORS.labels(status="503", code="unavailable")
@@ -219,8 +228,9 @@ def announce(role: str) -> None:
         for status in FINAL_STATUSES:
             TASK_SECONDS.labels(status=status)
     if role == "run":
-        NOTIFY_FAILURES.labels(role="worker")
-        NOTIFY_FAILURES.labels(role="clock")
+        for other in ("worker", "clock"):
+            NOTIFY_FAILURES.labels(role=other)
+            DATABASE_ERRORS.labels(role=other)
 
 
 def status_class(code: int | None) -> str:

@@ -91,6 +91,7 @@ class Api:
         except connection_errors() as exc:
             # A deadline's TimeoutError says nothing by itself.
             reason = str(exc) or f"no answer within {self.settings.db_timeout_s:g} s"
+            metrics.DATABASE_ERRORS.labels(role="web").inc()
             logger.error("database unavailable: %s", reason)
             raise ApiError(503, "the database is unavailable, try again", "unavailable") from exc
 

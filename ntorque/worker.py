@@ -137,6 +137,7 @@ class Worker:
             else:
                 acquired = await self.store.acquire_due(free)
         except connection_errors() as exc:
+            metrics.DATABASE_ERRORS.labels(role="worker").inc()
             logger.error("acquire failed, database unavailable: %s", describe(exc))
             await self._pause(ERROR_PAUSE_S)
             return []
@@ -235,6 +236,7 @@ class Worker:
             try:
                 recorded = await self._recorder.submit(outcome)
             except connection_errors() as exc:
+                metrics.DATABASE_ERRORS.labels(role="worker").inc()
                 if tries == 1:
                     logger.error(
                         "action=record_outcome task_id=%s failed, retrying until the lease"

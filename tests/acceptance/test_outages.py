@@ -33,7 +33,9 @@ from tests.acceptance.harness import (
     base_env,
     create_app,
     free_port,
+    get_text,
     heroku_database_url,
+    metric_total,
     start_role,
     start_web,
     wait_for,
@@ -216,6 +218,11 @@ async def test_postgres_refusing_connections_web_answers_503_json_promptly(
     base = await start_web(processes, env)
 
     await assert_prompt_503(base, key="0" * 40)
+    # And the metrics say so: three failed database calls, three 503 answers
+    exposition = await get_text(base + "/metrics")
+    assert metric_total(exposition, "ntorque_database_errors_total", role="web") == 3
+    answered = metric_total(exposition, "ntorque_api_errors_total", status="503")
+    assert answered == 3
 
 
 @contextlib.asynccontextmanager
@@ -375,8 +382,8 @@ async def test_postgres_down_while_a_hook_answers_the_outcome_is_recorded_once_i
     )
     api = Api(await start_web(processes, env), key)
     try:
-        await start_role(processes, "worker", env, "worker")
-        await start_role(processes, "clock", env, "clock")
+        worker = await start_role(processes, "worker", env, "worker")
+        clock = await start_role(processes, "clock", env, "clock")
         ids = await api.enqueue_many(hook.url + "/slow/1000", 3)
         await wait_for(lambda: len(hook.deliveries) == 3, 10, "the three hook calls")
 
@@ -386,6 +393,11 @@ async def test_postgres_down_while_a_hook_answers_the_outcome_is_recorded_once_i
         private_postgres.start()
 
         done = await api.wait_status(ids, "COMPLETED", timeout_s=15)
+        # And the worker and the clock counted their failed database calls
+        for proc in (worker, clock):
+            assert proc.metrics_url is not None
+            exposition = await get_text(proc.metrics_url)
+            assert metric_total(exposition, "ntorque_database_errors_total", role=proc.name) > 0
     finally:
         await api.close()
     assert all(task["last_status_code"] == 200 for task in done.values())
