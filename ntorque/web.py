@@ -33,6 +33,10 @@ from .validation import BadRequest, read_body, task_from_request
 logger = logging.getLogger("ntorque.web")
 
 NOTIFY_TIMEOUT_S = 1.0
+# After the doorbell failed, enqueues skip it this long. A Redis that accepts connections
+# but never answers would otherwise hold every group commit for NOTIFY_TIMEOUT_S before its
+# 201s. The tasks are stored: the clock's requeue and the workers' polls find them meanwhile.
+RING_PAUSE_S = 2.0
 
 
 class ApiError(Exception):
@@ -67,21 +71,29 @@ class Api:
         self._keys: dict[str, tuple[App | None, float]] = {}
         self._lookups: dict[str, asyncio.Task[App | None]] = {}
         self.deadlines = Deadlines()
+        self._ring_paused_until = 0.0
 
     async def _insert_and_notify(self, new: list[NewTask]) -> list[Task]:
         added = await self.store.add_tasks(new)
         # Committed: only now may anyone be told.
-        await self.ring([t.id for t in added])
+        ringing = time.monotonic() >= self._ring_paused_until
+        if ringing and not await self.ring([t.id for t in added]):
+            self._ring_paused_until = time.monotonic() + RING_PAUSE_S
         return added
 
-    async def ring(self, ids: list[int]) -> None:
+    async def ring(self, ids: list[int]) -> bool:
+        """Ring for ``ids``; whether the channel took them (a failure is logged, not raised)."""
         try:
             async with asyncio.timeout(NOTIFY_TIMEOUT_S):
                 await self.notifier.notify(ids)
         except (NotifyError, TimeoutError) as exc:
             # The task is stored; the clock's requeue will ring for it.
             metrics.NOTIFY_FAILURES.labels(role="web").inc()
-            logger.warning("action=notify failed for %d tasks: %s", len(ids), exc)
+            logger.warning(
+                "action=notify failed for %d tasks: %s", len(ids), str(exc) or type(exc).__name__
+            )
+            return False
+        return True
 
     async def db(self, awaitable: Any) -> Any:
         """Await a store call, turning an unreachable database into a prompt 503."""

@@ -6,16 +6,19 @@ import asyncio
 import contextlib
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 
+from ntorque import web
 from ntorque.notify import Notifier, NotifyError, RedisNotifier, create_notifier
 from ntorque.settings import Settings
+from ntorque.store import Store
 from tests.conftest import ALL_BACKENDS, Backend, backend_param
-from tests.support import REDIS_URL, free_port, make_settings
+from tests.support import REDIS_URL, api_client, count_tasks, free_port, make_settings
 
 RINGING = [backend_param(n) for n in ("sqlite-local", "postgres-redis")]
 
@@ -157,3 +160,61 @@ async def test_rediss_with_a_self_signed_certificate_works_as_given(tmp_path: Pa
                 await strict.notify([1])
         finally:
             await strict.close()
+
+
+@contextlib.asynccontextmanager
+async def silent_server() -> AsyncIterator[int]:
+    """A TCP server that accepts connections and never answers (a black-holed Redis)."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(65536):
+                pass
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    try:
+        yield int(server.sockets[0].getsockname()[1])
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+def web_notify_failures() -> float:
+    return REGISTRY.get_sample_value("ntorque_notify_failures_total", {"role": "web"}) or 0.0
+
+
+@pytest.mark.parametrize("backend", [backend_param("postgres-redis")], indirect=True)
+@pytest.mark.ntorque_env(NTORQUE_AUTHENTICATE="false")
+async def test_after_the_doorbell_fails_enqueues_skip_it_for_a_while(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(web, "RING_PAUSE_S", 1.0)
+    # Given the web's Redis accepting connections but never answering
+    async with silent_server() as port:
+        notifier = RedisNotifier(make_settings(REDIS_URL=f"redis://127.0.0.1:{port}/0"))
+        try:
+            async with api_client(store.settings, store, notifier) as client:
+
+                async def enqueue() -> int:
+                    answer = await client.post("/", params={"url": "http://127.0.0.1:9/x"})
+                    assert answer.status_code == 201, answer.text
+                    return int(answer.json()["id"])
+
+                before = web_notify_failures()
+                # When five tasks are enqueued one after the other
+                ids = [await enqueue() for _ in range(5)]
+                # Then each is stored and answered 201, and only the first waited for the
+                # silent doorbell: the others, within the pause, skipped it
+                assert web_notify_failures() - before == 1
+                # And once the pause is over, an enqueue tries the doorbell again
+                await asyncio.sleep(1.1)
+                ids.append(await enqueue())
+                assert web_notify_failures() - before == 2
+        finally:
+            await notifier.close()
+    assert await count_tasks(store) == 6
+    assert len(set(ids)) == 6
