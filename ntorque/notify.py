@@ -108,10 +108,11 @@ class RedisNotifier:
 
     async def wait(self, max_items: int, timeout_s: float) -> list[int]:
         try:
-            async with asyncio.timeout(timeout_s + 5):
+            # Redis answers a blocking pop by its timeout: a second more is only the network.
+            async with asyncio.timeout(timeout_s + 1):
                 items = await self._pop(max(max_items, 1), timeout_s)
         except (RedisError, OSError, TimeoutError) as exc:
-            raise NotifyError(str(exc)) from exc
+            raise NotifyError(str(exc) or f"no answer within {timeout_s + 1:g} s") from exc
         return _ids(items)
 
     async def _pop(self, count: int, timeout_s: float) -> list[Any]:

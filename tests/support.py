@@ -471,3 +471,24 @@ async def count_tasks(store: Store) -> int:
     async with store.engine.connect() as conn:
         result = await conn.execute(sa.select(sa.func.count()).select_from(tasks))
         return int(result.scalar_one())
+
+
+@contextlib.asynccontextmanager
+async def silent_server() -> AsyncIterator[int]:
+    """A TCP server that accepts connections and never answers (a black-holed Redis)."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(65536):
+                pass
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    try:
+        yield int(server.sockets[0].getsockname()[1])
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()

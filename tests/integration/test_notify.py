@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,14 @@ from ntorque.notify import Notifier, NotifyError, RedisNotifier, create_notifier
 from ntorque.settings import Settings
 from ntorque.store import Store
 from tests.conftest import ALL_BACKENDS, Backend, backend_param
-from tests.support import REDIS_URL, api_client, count_tasks, free_port, make_settings
+from tests.support import (
+    REDIS_URL,
+    api_client,
+    count_tasks,
+    free_port,
+    make_settings,
+    silent_server,
+)
 
 RINGING = [backend_param(n) for n in ("sqlite-local", "postgres-redis")]
 
@@ -160,27 +167,6 @@ async def test_rediss_with_a_self_signed_certificate_works_as_given(tmp_path: Pa
                 await strict.notify([1])
         finally:
             await strict.close()
-
-
-@contextlib.asynccontextmanager
-async def silent_server() -> AsyncIterator[int]:
-    """A TCP server that accepts connections and never answers (a black-holed Redis)."""
-    held: list[asyncio.StreamWriter] = []
-
-    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-        with contextlib.suppress(ConnectionError):
-            while await reader.read(65536):
-                pass
-
-    server = await asyncio.start_server(hold, "127.0.0.1", 0)
-    try:
-        yield int(server.sockets[0].getsockname()[1])
-    finally:
-        for writer in held:
-            writer.close()
-        server.close()
-        await server.wait_closed()
 
 
 def web_notify_failures() -> float:

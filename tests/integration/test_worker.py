@@ -7,10 +7,11 @@ import time
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from ntorque.hooks import AiohttpHookClient
 from ntorque.models import Outcome
-from ntorque.notify import Notifier
+from ntorque.notify import Notifier, RedisNotifier
 from ntorque.settings import Settings
 from ntorque.store import Store, StoreUnavailable
 from ntorque.worker import Worker
@@ -18,9 +19,11 @@ from tests.conftest import ALL_BACKENDS, backend_param
 from tests.support import (
     HookServer,
     Reply,
+    make_settings,
     new_task,
     run_burst,
     run_until_settled,
+    silent_server,
     wait_until,
     worker_running,
 )
@@ -320,3 +323,36 @@ async def test_an_outcome_refused_until_its_lease_ran_out_is_stale(
     assert _delta(after, before) == {"attempts": 1, "hook calls": 1, "stale": 1}
     stored = await store.get_task(task.id)
     assert stored is not None and (stored.status, stored.retry_count) == ("COMPLETED", 2)
+
+
+@pytest.mark.parametrize("backend", [backend_param("postgres-redis")], indirect=True)
+async def test_a_silent_redis_is_left_for_database_polls_after_one_timeout(
+    settings: Settings, store: Store, hook_server: HookServer
+) -> None:
+    url = hook_server.script("/h", 200)
+    # Given a worker whose Redis accepts connections but never answers (a black hole)
+    async with silent_server() as port:
+        notifier = RedisNotifier(make_settings(REDIS_URL=f"redis://127.0.0.1:{port}/0"))
+        failures = "ntorque_notify_failures_total"
+        before = REGISTRY.get_sample_value(failures, {"role": "worker"}) or 0.0
+        try:
+            async with worker_running(settings, store, notifier):
+                await asyncio.sleep(0.3)  # its first poll done, it waits on Redis
+                # When tasks are stored and nobody rings for them
+                added = await store.add_tasks([new_task(url) for _ in range(5)])
+                started = time.monotonic()
+                await wait_until(lambda: hook_server.count("/h") >= 5, 10, message="delivery")
+                waited = time.monotonic() - started
+                # Then the worker gives up on Redis after one wait's timeout (the poll
+                # interval and a second), not several seconds more, and polls the database
+                assert waited < 3.5, f"delivered {waited:.1f}s after they were stored"
+                # And keeps off Redis for a while rather than wait on it again (longer
+                # than another wait's timeout after the delivering poll)
+                await asyncio.sleep(1.5)
+                after = REGISTRY.get_sample_value(failures, {"role": "worker"}) or 0.0
+                assert after - before == 1
+        finally:
+            await notifier.close()
+    for task in added:
+        stored = await store.get_task(task.id)
+        assert stored is not None and stored.status == "COMPLETED"
