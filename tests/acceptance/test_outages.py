@@ -225,32 +225,11 @@ async def test_postgres_refusing_connections_web_answers_503_json_promptly(
     assert answered == 3
 
 
-@contextlib.asynccontextmanager
-async def black_hole() -> AsyncIterator[int]:
-    """A TCP server that accepts connections and never says a word; yields its port."""
-    held: list[asyncio.StreamWriter] = []
-
-    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-        with contextlib.suppress(ConnectionError):
-            while await reader.read(65536):
-                pass
-
-    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
-    try:
-        yield int(server.sockets[0].getsockname()[1])
-    finally:
-        for writer in held:
-            writer.close()
-        server.close()
-        await server.wait_closed()
-
-
 async def test_postgres_black_hole_web_answers_503_json_within_the_db_timeout(
     processes: Processes, tmp_path: Path
 ) -> None:
     """The server accepts TCP but never answers: requests must still end, in a 503."""
-    async with black_hole() as port:
+    async with support.silent_server() as port:
         env = base_env(
             tmp_path,
             DATABASE_URL=f"postgres://postgres@127.0.0.1:{port}/ntorque",
