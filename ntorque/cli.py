@@ -345,12 +345,16 @@ def main(argv: list[str] | None = None) -> None:
         print(key)
     else:
         active = args.command == "activate-app"
+        name = args.name.strip()  # as create-app stored it
         with _one_shot(args.command):
-            count = asyncio.run(_set_active(settings, args.name, active))
+            count = asyncio.run(_set_active(settings, name, active))
         if not count:
-            print(f"ntorque: no app named {args.name!r}", file=sys.stderr)
+            print(f"ntorque: no app named {name!r}", file=sys.stderr)
             raise SystemExit(1)
-        print(f"app {args.name!r} {'activated' if active else 'deactivated'}", file=sys.stderr)
+        done = "activated" if active else "deactivated"
+        # Names need not be unique (create-app twice gives a second key): say how many.
+        which = f"app {name!r}" if count == 1 else f"{count} apps named {name!r}"
+        print(f"{which} {done}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,11 @@ def test_app_commands_create_deactivate_and_activate_a_key(tmp_path: Path) -> No
     assert active()
     unknown = ntorque("deactivate-app", "--name", "nobody")
     assert unknown.returncode == 1 and "nobody" in unknown.stderr
+    # A name is matched as create-app stored it (stripped), and a name two apps share says so
+    assert ntorque("create-app", "--name", " mine ").returncode == 0
+    both = ntorque("deactivate-app", "--name", " mine")
+    assert both.returncode == 0 and "2 apps named 'mine' deactivated" in both.stderr, both.stderr
+    assert not active()
 
 
 def test_a_metrics_port_in_use_stops_the_process_naming_the_variable(tmp_path: Path) -> None:
