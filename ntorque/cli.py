@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -249,6 +250,9 @@ def _web(settings: Settings, host: str) -> None:
         port=settings.port,
         workers=None if settings.development else settings.web_concurrency,
         reload=settings.development,
+        # The code, not the working directory: the SQLite file, its journal and any log
+        # written there would each count as a change.
+        reload_dirs=[str(Path(__file__).resolve().parent)] if settings.development else None,
         log_level=settings.log_level.lower(),
         access_log=settings.development,
         proxy_headers=True,

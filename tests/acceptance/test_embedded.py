@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from tests.acceptance.harness import (
+    REPO_ROOT,
     Api,
     HookServer,
     Processes,
@@ -178,3 +179,28 @@ async def test_two_workers_and_two_clocks_on_one_sqlite_file_never_answer_500(
         if proc.name not in ("release", "create-app"):
             assert proc.returncode is None, proc.name
         assert " ERROR " not in proc.output() and "Traceback" not in proc.output(), proc.name
+
+
+async def test_web_in_development_mode_reloads_on_code_changes_only(
+    processes: Processes, tmp_path: Path
+) -> None:
+    # Given the Procfile's web line with MODE=development (auto-reload), on an SQLite file
+    env = base_env(
+        tmp_path,
+        MODE="development",
+        NTORQUE_SQLITE_PATH=str(tmp_path / "dev.sqlite3"),
+        NTORQUE_AUTHENTICATE="false",
+    )
+    base = await start_web(processes, env)
+    web = next(p for p in processes.started if p.name == "web")
+    # When tasks are written (the SQLite file and its journal change)
+    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+        for _ in range(3):
+            answer = await client.post("/", params={"url": "http://127.0.0.1:9/x"})
+            assert answer.status_code == 201, answer.text
+    await asyncio.sleep(1.0)  # longer than the reloader's debounce
+    # Then the reloader watches the package's code alone, and saw no change
+    package = REPO_ROOT / "ntorque"
+    assert f"Will watch for changes in these directories: ['{package}']" in web.output()
+    assert "change detected" not in web.output() and "changes detected" not in web.output()
+    assert await processes.stop(web) in (0, -signal.SIGTERM)
