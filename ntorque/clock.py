@@ -58,8 +58,8 @@ class Clock:
 
     async def requeue(self) -> int:
         """Ring for due tasks in due order, never filling the channel past its bound."""
-        if not self.notifier.rings:
-            return 0
+        if not self.notifier.rings or not self.notifier.available():
+            return 0  # no channel, or it failed moments ago: its pause first
         try:
             room = self.settings.notify_backlog_limit - await self.notifier.pending()
         except NotifyError as exc:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
 from redis import asyncio as aioredis
@@ -23,6 +24,15 @@ logger = logging.getLogger("ntorque.notify")
 
 class NotifyError(Exception):
     """The notification channel is unavailable."""
+
+
+# A Redis call other than a blocking wait that gets no answer this soon has failed: Redis
+# answers them at once.
+CALL_TIMEOUT_S = 1.0
+# After a failed call the notifier reports itself unavailable this long. Its callers skip it
+# (the web's ring, the clock's requeue) or poll the database instead (workers), rather than
+# wait on a Redis that may never answer: a black hole then costs one timeout per pause.
+PAUSE_AFTER_FAILURE_S = 5.0
 
 
 class Notifier(Protocol):
@@ -45,6 +55,9 @@ class Notifier(Protocol):
 
     async def pending(self) -> int:
         """How many notifications wait to be taken."""
+
+    def available(self) -> bool:
+        """False for a while after the channel failed: skip it, or poll the database."""
 
     async def close(self) -> None: ...
 
@@ -89,30 +102,37 @@ class RedisNotifier:
         self._blocking = redis_client(settings, socket_timeout=None)
         self._blmpop = True
         self._rpush_upto = self._client.register_script(_RPUSH_UPTO)
+        self._unavailable_until = 0.0
+
+    def available(self) -> bool:
+        return time.monotonic() >= self._unavailable_until
+
+    @contextlib.asynccontextmanager
+    async def _call(self, timeout_s: float) -> AsyncIterator[None]:
+        """Bound a Redis call; a failure becomes NotifyError and starts the pause."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                yield
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._unavailable_until = time.monotonic() + PAUSE_AFTER_FAILURE_S
+            raise NotifyError(str(exc) or f"no answer within {timeout_s:g} s") from exc
 
     async def notify(self, ids: Sequence[int]) -> None:
         if not ids:
             return
-        try:
+        async with self._call(CALL_TIMEOUT_S):
             await self._client.rpush(self.channel, *ids)
-        except (RedisError, OSError) as exc:
-            raise NotifyError(str(exc)) from exc
 
     async def notify_upto(self, ids: Sequence[int], limit: int) -> int:
         if not ids:
             return 0
-        try:
+        async with self._call(CALL_TIMEOUT_S):
             return int(await self._rpush_upto(keys=[self.channel], args=[limit, *ids]))
-        except (RedisError, OSError) as exc:
-            raise NotifyError(str(exc)) from exc
 
     async def wait(self, max_items: int, timeout_s: float) -> list[int]:
-        try:
-            # Redis answers a blocking pop by its timeout: a second more is only the network.
-            async with asyncio.timeout(timeout_s + 1):
-                items = await self._pop(max(max_items, 1), timeout_s)
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise NotifyError(str(exc) or f"no answer within {timeout_s + 1:g} s") from exc
+        # Redis answers a blocking pop by its timeout: a second more is only the network.
+        async with self._call(timeout_s + 1):
+            items = await self._pop(max(max_items, 1), timeout_s)
         return _ids(items)
 
     async def _pop(self, count: int, timeout_s: float) -> list[Any]:
@@ -139,10 +159,8 @@ class RedisNotifier:
         return items
 
     async def pending(self) -> int:
-        try:
+        async with self._call(CALL_TIMEOUT_S):
             return int(await self._client.llen(self.channel))
-        except (RedisError, OSError) as exc:
-            raise NotifyError(str(exc)) from exc
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -192,6 +210,9 @@ class LocalNotifier:
     async def pending(self) -> int:
         return len(self._ids)
 
+    def available(self) -> bool:
+        return True
+
     async def close(self) -> None:
         self._ids.clear()
 
@@ -214,6 +235,9 @@ class PollingNotifier:
 
     async def pending(self) -> int:
         return 0
+
+    def available(self) -> bool:
+        return True
 
     async def close(self) -> None:
         return None

@@ -32,12 +32,6 @@ from .validation import BadRequest, read_body, task_from_request
 
 logger = logging.getLogger("ntorque.web")
 
-NOTIFY_TIMEOUT_S = 1.0
-# After the doorbell failed, enqueues skip it this long. A Redis that accepts connections
-# but never answers would otherwise hold every group commit for NOTIFY_TIMEOUT_S before its
-# 201s. The tasks are stored: the clock's requeue and the workers' polls find them meanwhile.
-RING_PAUSE_S = 2.0
-
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, code: str) -> None:
@@ -71,29 +65,22 @@ class Api:
         self._keys: dict[str, tuple[App | None, float]] = {}
         self._lookups: dict[str, asyncio.Task[App | None]] = {}
         self.deadlines = Deadlines()
-        self._ring_paused_until = 0.0
 
     async def _insert_and_notify(self, new: list[NewTask]) -> list[Task]:
         added = await self.store.add_tasks(new)
-        # Committed: only now may anyone be told.
-        ringing = time.monotonic() >= self._ring_paused_until
-        if ringing and not await self.ring([t.id for t in added]):
-            self._ring_paused_until = time.monotonic() + RING_PAUSE_S
+        # Committed: only now may anyone be told. Not while the channel is down: waiting on
+        # it would hold every 201, and the clock's requeue and the workers' polls find these.
+        if self.notifier.available():
+            await self.ring([t.id for t in added])
         return added
 
-    async def ring(self, ids: list[int]) -> bool:
-        """Ring for ``ids``; whether the channel took them (a failure is logged, not raised)."""
+    async def ring(self, ids: list[int]) -> None:
         try:
-            async with asyncio.timeout(NOTIFY_TIMEOUT_S):
-                await self.notifier.notify(ids)
-        except (NotifyError, TimeoutError) as exc:
+            await self.notifier.notify(ids)
+        except NotifyError as exc:
             # The task is stored; the clock's requeue will ring for it.
             metrics.NOTIFY_FAILURES.labels(role="web").inc()
-            logger.warning(
-                "action=notify failed for %d tasks: %s", len(ids), str(exc) or type(exc).__name__
-            )
-            return False
-        return True
+            logger.warning("action=notify failed for %d tasks: %s", len(ids), exc)
 
     async def db(self, awaitable: Any) -> Any:
         """Await a store call, turning an unreachable database into a prompt 503."""

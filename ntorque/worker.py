@@ -22,9 +22,6 @@ logger = logging.getLogger("ntorque.worker")
 
 # After a database or Redis error, wait this long before trying again.
 ERROR_PAUSE_S = 1.0
-# After a Redis error, poll the database instead of waiting on Redis for this long. A Redis
-# that accepts connections but never answers costs a wait's whole timeout each time.
-REDIS_PAUSE_S = 5.0
 # An outcome the database cannot take is tried again every ERROR_PAUSE_S until the
 # attempt's lease runs out, and at least this many times.
 RECORD_ATTEMPTS = 3
@@ -46,7 +43,6 @@ class Worker:
             self._flush_outcomes, max_batch=500, concurrency=2, name="record"
         )
         self._notify_error_logged = 0.0
-        self._redis_paused_until = 0.0
         self._min_batch = max(1, settings.worker_concurrency // 4)
         self._untraced = False
         self._stop_waiter: asyncio.Task[Any] | None = None
@@ -121,7 +117,8 @@ class Worker:
         return self.settings.worker_concurrency - len(self._inflight)
 
     async def _wait_for_ids(self, free: int) -> list[int]:
-        if time.monotonic() < self._redis_paused_until:
+        if not self.notifier.available():
+            # The channel failed moments ago: poll the database until it may be back.
             await self._pause(self.settings.poll_interval_s)
             return []
         try:
@@ -129,12 +126,8 @@ class Worker:
         except NotifyError as exc:
             metrics.NOTIFY_FAILURES.labels(role="worker").inc()
             now = time.monotonic()
-            self._redis_paused_until = now + REDIS_PAUSE_S
             if now - self._notify_error_logged > 30:
-                logger.warning(
-                    "notification channel unavailable, polling the database: %s",
-                    str(exc) or type(exc).__name__,
-                )
+                logger.warning("notification channel unavailable, polling the database: %s", exc)
                 self._notify_error_logged = now
             await self._pause(min(ERROR_PAUSE_S, self.settings.poll_interval_s))
             return []

@@ -12,13 +12,14 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client import REGISTRY
 
+from ntorque import notify
 from ntorque.clock import Clock
-from ntorque.notify import Notifier, PollingNotifier
+from ntorque.notify import Notifier, PollingNotifier, RedisNotifier
 from ntorque.schema import tasks
 from ntorque.settings import Settings
 from ntorque.store import Store
 from tests.conftest import Backend, backend_param, notifier_for
-from tests.support import make_settings, new_task, wait_until
+from tests.support import make_settings, new_task, silent_server, wait_until
 
 URL = "http://127.0.0.1:9/hook"
 DAY = 86400.0
@@ -231,3 +232,27 @@ async def test_a_database_that_never_answers_is_logged_with_a_reason(
     logged = [r.getMessage() for r in caplog.records if r.name == "ntorque.clock"]
     assert logged, "nothing logged"
     assert all(not m.endswith(": ") for m in logged), logged
+
+
+@pytest.mark.parametrize("backend", [backend_param("postgres-redis")], indirect=True)
+async def test_a_silent_redis_is_left_alone_between_requeues_for_its_pause(
+    settings: Settings, store: Store
+) -> None:
+    # Given due tasks, and the clock's Redis accepting connections but never answering
+    await store.add_tasks([new_task(URL) for _ in range(3)])
+    async with silent_server() as port:
+        silent = RedisNotifier(make_settings(REDIS_URL=f"redis://127.0.0.1:{port}/0"))
+        clock = Clock(settings, store, silent)
+        labels = {"role": "clock"}
+        before = REGISTRY.get_sample_value("ntorque_notify_failures_total", labels) or 0.0
+        try:
+            # When it requeues three times in a row
+            started = time.monotonic()
+            assert [await clock.requeue() for _ in range(3)] == [0, 0, 0]
+            waited = time.monotonic() - started
+        finally:
+            await silent.close()
+    # Then only the first waited (a call's timeout) and failed; the others skipped the channel
+    after = REGISTRY.get_sample_value("ntorque_notify_failures_total", labels) or 0.0
+    assert after - before == 1
+    assert waited < notify.CALL_TIMEOUT_S + 1.0, f"three requeues took {waited:.1f}s"

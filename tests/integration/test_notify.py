@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
-from ntorque import web
+from ntorque import notify
 from ntorque.notify import Notifier, NotifyError, RedisNotifier, create_notifier
 from ntorque.settings import Settings
 from ntorque.store import Store
@@ -97,12 +97,18 @@ async def test_redis_ignores_malformed_items(redis_channel: str) -> None:
         await notifier.close()
 
 
-async def test_redis_down_raises_notify_error() -> None:
+async def test_redis_down_raises_notify_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(notify, "PAUSE_AFTER_FAILURE_S", 0.3)
     settings: Settings = make_settings(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
     notifier = RedisNotifier(settings)
     try:
+        assert notifier.available()
         with pytest.raises(NotifyError):
             await notifier.notify([1])
+        # A failure makes it unavailable for the pause, then it may be tried again
+        assert not notifier.available()
+        await asyncio.sleep(0.4)
+        assert notifier.available()
         with pytest.raises(NotifyError):
             await notifier.pending()
         with pytest.raises(NotifyError):
@@ -178,7 +184,7 @@ def web_notify_failures() -> float:
 async def test_after_the_doorbell_fails_enqueues_skip_it_for_a_while(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(web, "RING_PAUSE_S", 1.0)
+    monkeypatch.setattr(notify, "PAUSE_AFTER_FAILURE_S", 1.0)
     # Given the web's Redis accepting connections but never answering
     async with silent_server() as port:
         notifier = RedisNotifier(make_settings(REDIS_URL=f"redis://127.0.0.1:{port}/0"))
