@@ -215,12 +215,14 @@ class Bench:
         self.ntorque("migrate")
         self.key = self.ntorque("create-app", "--name", "bench").strip()
         self.db = await asyncpg.connect(self.dsn)
+        # One process each, whatever WEB_CONCURRENCY says (uvicorn reads it): the hook
+        # server counts arrivals in its own memory, and ntorque's web is the one to scale.
         self.start(
             "hook",
             [
                 sys.executable, "-m", "uvicorn", "bench.hookserver:app",
                 "--host", "127.0.0.1", "--port", str(self.hook_port),
-                "--loop", "uvloop", "--http", "httptools",
+                "--loop", "uvloop", "--http", "httptools", "--workers", "1",
                 "--log-level", "warning", "--no-access-log",
             ],
         )  # fmt: skip
@@ -233,7 +235,7 @@ class Bench:
                 [
                     sys.executable, "-m", "uvicorn", "bench.handwritten:app",
                     "--host", "127.0.0.1", "--port", self.hand_url.rsplit(":", 1)[1],
-                    "--loop", "uvloop", "--http", "httptools",
+                    "--loop", "uvloop", "--http", "httptools", "--workers", "1",
                     "--log-level", "warning", "--no-access-log",
                 ],
             )  # fmt: skip
