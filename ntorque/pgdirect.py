@@ -138,9 +138,9 @@ class DirectConnections:
                 except broken as exc:
                     # The connection is broken or in doubt: the pool must not hand it out.
                     fairy.invalidate(exc)
-                    raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+                    raise self._unavailable(exc) from exc
                 except asyncpg.PostgresError as exc:
-                    raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+                    raise self._unavailable(exc) from exc
                 except asyncio.CancelledError:
                     # Given up mid-statement: in doubt, and closing it gracefully would wait
                     # for the server. Invalidated here (outside SQLAlchemy's greenlet), it
@@ -154,12 +154,12 @@ class DirectConnections:
         try:
             raw = await pool.acquire()
         except (*broken, asyncpg.PostgresError) as exc:
-            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            raise self._unavailable(exc) from exc
         try:
             yield raw
         except broken as exc:
             raw.terminate()  # a closed connection leaves the pool when released
-            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            raise self._unavailable(exc) from exc
         except asyncio.CancelledError:
             # Given up mid-statement (the web's database deadline): released as it is, the
             # connection would first wait for asyncpg's cancel request to reach the server,
@@ -168,9 +168,14 @@ class DirectConnections:
             raw.terminate()
             raise
         except asyncpg.PostgresError as exc:
-            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            raise self._unavailable(exc) from exc
         finally:
             await pool.release(raw)
+
+    def _unavailable(self, exc: BaseException) -> StoreUnavailable:
+        # A statement past its timeout raises a TimeoutError that says nothing by itself.
+        reason = str(exc) or f"no answer within {self.settings.db_timeout_s:g} s"
+        return StoreUnavailable(f"{type(exc).__name__}: {reason}")
 
     async def _open_pool(self) -> Any:
         """A small asyncpg pool of our own for the hot statements, opened on first use.

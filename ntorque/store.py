@@ -75,6 +75,12 @@ class Store:
         self._returning = list(tasks.c)
         self._backoff_table = table
         self._direct = DirectConnections(engine, settings) if self._is_pg else None
+        # Each hot statement's bound: past it the database counts as unavailable and the
+        # connection is closed. The driver's own bound (30 s) would hold a web's group
+        # commit stuck on a dead connection (a failover, a black hole) that long, every
+        # enqueue meanwhile answered 503. A commit's clients have all been answered by then
+        # (their deadlines are as long and began earlier), so none is still waiting on it.
+        self._pg_timeout_s = settings.db_timeout_s
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Store:
@@ -187,6 +193,7 @@ class Store:
                     pgdirect.headers_json(t.headers),
                     t.trace_context,
                     now,
+                    timeout=self._pg_timeout_s,
                 )
             return self._added([task_id], new, now)
         args = (
@@ -201,7 +208,7 @@ class Store:
             now,
         )
         async with self._pg() as conn:
-            rows = await conn.fetch(pgdirect.INSERT, *args)
+            rows = await conn.fetch(pgdirect.INSERT, *args, timeout=self._pg_timeout_s)
         # Ids come from the sequence in the ORDER BY order, so ascending ids follow the
         # input order (what SQLAlchemy's sort_by_parameter_order relies on as well).
         return self._added(sorted(r[0] for r in rows), new, now)
@@ -240,9 +247,11 @@ class Store:
             # unreachable server before the request can answer 503.
             async with self._pg() as conn:
                 if app_id is None:
-                    found = await conn.fetchrow(pgdirect.GET, task_id)
+                    found = await conn.fetchrow(pgdirect.GET, task_id, timeout=self._pg_timeout_s)
                 else:
-                    found = await conn.fetchrow(pgdirect.GET_FOR_APP, task_id, app_id)
+                    found = await conn.fetchrow(
+                        pgdirect.GET_FOR_APP, task_id, app_id, timeout=self._pg_timeout_s
+                    )
             return None if found is None else Task.from_mapping(found)
         query = sa.select(tasks).where(tasks.c.id == task_id)
         if app_id is not None:
@@ -319,7 +328,7 @@ class Store:
             which,
         )
         async with self._pg() as conn:
-            rows = await conn.fetch(sql, *args)
+            rows = await conn.fetch(sql, *args, timeout=self._pg_timeout_s)
         return [Task.from_mapping(r) for r in rows]
 
     async def record(self, outcomes: Sequence[Outcome]) -> list[bool]:
@@ -344,6 +353,7 @@ class Store:
                     [o.status_code for o in ordered],
                     [o.error for o in ordered],
                     now,
+                    timeout=self._pg_timeout_s,
                 )
             if len(rows) == len(outcomes):
                 return [True] * len(outcomes)  # the usual batch: no lookups

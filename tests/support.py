@@ -473,6 +473,52 @@ async def count_tasks(store: Store) -> int:
         return int(result.scalar_one())
 
 
+class FreezingProxy:
+    """A TCP proxy to PostgreSQL that can go silent: from ``freeze()`` on, nothing it holds
+    or accepts is passed on (a server gone behind a black hole, its connections open)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.frozen = False
+        self.writers: list[asyncio.StreamWriter] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.server: asyncio.Server | None = None
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while data := await reader.read(65536):
+                if self.frozen:
+                    return  # swallowed, and nothing more is passed on this way
+                writer.write(data)
+                await writer.drain()
+            writer.close()  # the end of one side, passed on
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        if self.frozen:
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers.append(up_writer)
+        for pipe in (self._pipe(reader, up_writer), self._pipe(up_reader, writer)):
+            task = asyncio.create_task(pipe)
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        for writer in self.writers:
+            writer.close()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
 @contextlib.asynccontextmanager
 async def silent_server() -> AsyncIterator[int]:
     """A TCP server that accepts connections and never answers (a black-holed Redis)."""

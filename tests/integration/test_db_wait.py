@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 import asyncpg
@@ -14,7 +13,7 @@ import sqlalchemy as sa
 from ntorque.settings import Settings
 from ntorque.store import Store
 from tests.conftest import backend_param
-from tests.support import api_client, count_tasks, make_env, new_task
+from tests.support import FreezingProxy, api_client, count_tasks, make_env, new_task
 
 pytestmark = [
     pytest.mark.parametrize("backend", [backend_param("postgres-redis")], indirect=True),
@@ -56,52 +55,6 @@ async def test_an_enqueue_answered_503_while_its_insert_waited_is_not_stored_lat
             assert (await enqueue(9)).status_code == 201
     finally:
         await lock.close()
-
-
-class FreezingProxy:
-    """A TCP proxy to PostgreSQL that can go silent: from ``freeze()`` on, nothing it holds
-    or accepts is passed on (a server gone behind a black hole, its connections open)."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.frozen = False
-        self.writers: list[asyncio.StreamWriter] = []
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.server: asyncio.Server | None = None
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-            while data := await reader.read(65536):
-                if self.frozen:
-                    return  # swallowed, and nothing more is passed on this way
-                writer.write(data)
-                await writer.drain()
-            writer.close()  # the end of one side, passed on
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writers.append(writer)
-        if self.frozen:
-            return
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self.writers.append(up_writer)
-        for pipe in (self._pipe(reader, up_writer), self._pipe(up_reader, writer)):
-            task = asyncio.create_task(pipe)
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        port: int = self.server.sockets[0].getsockname()[1]
-        return port
-
-    async def close(self) -> None:
-        for task in list(self.tasks):
-            task.cancel()
-        for writer in self.writers:
-            writer.close()
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
 
 
 @pytest.mark.parametrize("pool_class", ["QueuePool", "NullPool"])
@@ -181,5 +134,64 @@ async def test_a_key_lookup_stuck_on_a_silent_database_is_given_up_at_the_timeou
                     break
                 await asyncio.sleep(0.2)
             assert statuses[-1] == 404, statuses
+    finally:
+        await proxy.close()
+
+
+async def test_enqueues_stuck_on_a_silent_database_free_the_web_once_it_answers_again(
+    pg_url: str, store: Store
+) -> None:
+    # Given the web reaching PostgreSQL through a proxy, enqueues working
+    url = sa.make_url(pg_url)
+    proxy = FreezingProxy(url.port or 5432)
+    port = await proxy.start()
+    env = {
+        **make_env(
+            NTORQUE_AUTHENTICATE="false", NTORQUE_DB_TIMEOUT="1", NTORQUE_AUTO_MIGRATE="false"
+        ),
+        "DATABASE_URL": url.set(port=port).render_as_string(hide_password=False),
+    }
+    try:
+        async with api_client(Settings.from_env(env)) as client:
+
+            async def enqueue(n: int) -> httpx.Response:
+                return await client.post("/", params={"url": f"http://127.0.0.1:9/{n}"})
+
+            # with three connections open: three inserts held at once behind a table lock
+            lock = await asyncpg.connect(pg_url)
+            try:
+                async with lock.transaction():
+                    await lock.execute("LOCK TABLE tasks IN EXCLUSIVE MODE")
+                    held = []
+                    for n in range(3):
+                        held.append(asyncio.create_task(enqueue(n)))
+                        await asyncio.sleep(0.05)
+            finally:
+                await lock.close()
+            assert [(await a).status_code for a in held] == [201] * 3
+            # When the database goes silent (its open connections dead for good, as after
+            # a failover) under more enqueues than the web has group commits (3)
+            proxy.frozen = True
+            answers = []
+            for n in range(1, 7):
+                answers.append(asyncio.create_task(enqueue(n)))
+                await asyncio.sleep(0.05)  # each its own flush while one is free
+            assert [(await a).status_code for a in answers] == [503] * 6
+            # And answers again on new connections
+            proxy.frozen = False
+            # Then the inserts stuck on the dead connections are given up within the
+            # database timeout, and enqueues succeed again: not 503s until the driver's
+            # own 30 s statement timeout
+            started = time.monotonic()
+            statuses = []
+            while time.monotonic() - started < 10:
+                answer = await enqueue(99)
+                statuses.append(answer.status_code)
+                if answer.status_code == 201:
+                    break
+                await asyncio.sleep(0.2)
+            waited = time.monotonic() - started
+            assert statuses[-1] == 201, statuses
+            assert waited < 3.5, f"first 201 after {waited:.2f}s (NTORQUE_DB_TIMEOUT=1)"
     finally:
         await proxy.close()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from prometheus_client import REGISTRY
 
 from ntorque.hooks import AiohttpHookClient
@@ -17,6 +19,7 @@ from ntorque.store import Store, StoreUnavailable
 from ntorque.worker import Worker
 from tests.conftest import ALL_BACKENDS, backend_param
 from tests.support import (
+    FreezingProxy,
     HookServer,
     Reply,
     make_settings,
@@ -356,3 +359,43 @@ async def test_a_silent_redis_is_left_for_database_polls_after_one_timeout(
     for task in added:
         stored = await store.get_task(task.id)
         assert stored is not None and stored.status == "COMPLETED"
+
+
+@pytest.mark.parametrize("backend", [backend_param("postgres-redis")], indirect=True)
+@pytest.mark.ntorque_env(NTORQUE_DB_TIMEOUT="1")
+async def test_an_acquire_stuck_on_a_dead_connection_is_given_up_at_the_database_timeout(
+    settings: Settings, store: Store, notifier: Notifier, hook_server: HookServer
+) -> None:
+    url = hook_server.script("/h", 200)
+    # Given a worker reaching PostgreSQL through a proxy, delivering
+    database = sa.make_url(settings.database_url)
+    proxy = FreezingProxy(database.port or 5432)
+    port = await proxy.start()
+    proxied = dataclasses.replace(
+        settings, database_url=database.set(port=port).render_as_string(hide_password=False)
+    )
+    worker_store = Store.from_settings(proxied)
+    try:
+        async with worker_running(proxied, worker_store, notifier):
+            first = await store.add_tasks([new_task(url)])
+            await notifier.notify([first[0].id])
+            await wait_until(lambda: hook_server.count("/h") >= 1, 10, message="delivery")
+            # When the database goes silent, its open connections dead for good (a
+            # failover), while the worker acquires a task rung for
+            proxy.frozen = True
+            second = await store.add_tasks([new_task(url)])
+            await notifier.notify([second[0].id])
+            await asyncio.sleep(0.3)
+            # And answers again on new connections
+            proxy.frozen = False
+            started = time.monotonic()
+            # Then the acquire stuck on the dead connection is given up at the database
+            # timeout and a later poll delivers the task: not after the driver's own 30 s
+            await wait_until(lambda: hook_server.count("/h") >= 2, 15, message="delivery")
+            waited = time.monotonic() - started
+            assert waited < 4, f"delivered {waited:.1f}s after the database was back"
+    finally:
+        await worker_store.close()
+        await proxy.close()
+    stored = await store.get_task(second[0].id)
+    assert stored is not None and stored.status == "COMPLETED"
