@@ -99,6 +99,8 @@ class JsonErrorsProtocol(HttpToolsProtocol):
     _head_scope: object = None  # the scope of the request whose head is being counted
     _head_bytes = 0
     _head_timer: asyncio.TimerHandle | None = None
+    # An error answer that waits for the answers owed to the requests read before it.
+    _held_error: tuple[int, bytes, str, str] | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(OneWritePerTurn(transport, self.loop))  # type: ignore[arg-type]
@@ -121,7 +123,7 @@ class JsonErrorsProtocol(HttpToolsProtocol):
 
     def _head_pending(self, size: int) -> None:
         """A read that ended inside a head, or that began no request at all."""
-        if self.transport.is_closing():
+        if self.transport.is_closing() or self._held_error is not None:
             return
         scope, cycle = self.scope, self.cycle
         if scope is None or (cycle is not None and cycle.scope is scope):
@@ -171,10 +173,36 @@ class JsonErrorsProtocol(HttpToolsProtocol):
         self._unset_keepalive_if_required()
         super().connection_lost(exc)
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        held = self._held_error
+        if held is not None and not self._answers_owed():
+            self._held_error = None
+            self._send_error(*held)
+
+    def _answers_owed(self) -> bool:
+        """Whether requests read whole before the current one still await their answers.
+
+        ``self.cycle`` is the last request whose head was read; those pipelined before it
+        are answered first, so it is the last to complete.
+        """
+        cycle = self.cycle
+        return cycle is not None and not cycle.response_complete and not cycle.more_body
+
     def send_400_response(self, msg: str) -> None:
         self._send_error(400, b"Bad Request", bad_request_message(msg), BAD_REQUEST_CODE)
 
     def _send_error(self, status: int, reason: bytes, error: str, code: str) -> None:
+        if self.transport.is_closing():
+            return
+        if self._answers_owed():
+            # Sent now, the error would take the place of an answer owed to a request read
+            # whole before this one: its client would take that request for refused,
+            # though it is being served. It follows them; nothing more is read meanwhile.
+            if self._held_error is None:
+                self._held_error = (status, reason, error, code)
+            self.flow.pause_reading()
+            return
         metrics.api_error(status, code)
         body = json.dumps({"error": error, "code": code}).encode()
         head = [b"HTTP/1.1 %d " % status, reason, b"\r\n"]

@@ -89,6 +89,35 @@ async def test_a_head_pipelined_behind_a_slow_answer_waits_for_it(
     assert second.json()["code"] == "head_timeout"
 
 
+@pytest.mark.parametrize("between", [0, 1, 2])
+async def test_a_malformed_request_pipelined_behind_others_is_refused_after_their_answers(
+    monkeypatch: pytest.MonkeyPatch, between: int
+) -> None:
+    async with serve(monkeypatch) as server:
+        reader, writer = await connect(server)
+        try:
+            # Given a slow request, ``between`` requests queued behind it, and then one the
+            # parser cannot read (a header line without a colon), all sent at once
+            queued = b"".join(b"GET /q%d HTTP/1.1\r\nHost: x\r\n\r\n" % n for n in range(between))
+            writer.write(
+                b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
+                + queued
+                + b"GET /bad HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n"
+            )
+            # Then every request before it is answered, in order, its answer whole: the
+            # 400 does not stand in for the first answer, whose request was served
+            answers = [await read_response(reader) for _ in range(between + 2)]
+            async with asyncio.timeout(5):
+                assert await reader.read() == b""
+        finally:
+            writer.close()
+    expected = [(200, b"/slow")] + [(200, b"/q%d" % n) for n in range(between)]
+    assert [(a.status, a.body) for a in answers[:-1]] == expected
+    # And the unreadable request is refused last, in JSON, and the connection closed
+    assert answers[-1].status == 400
+    assert answers[-1].json()["code"] == "bad_request"
+
+
 async def test_blank_lines_that_begin_no_request_do_not_hold_a_connection(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
