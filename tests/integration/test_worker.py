@@ -393,7 +393,7 @@ async def test_an_acquire_stuck_on_a_dead_connection_is_given_up_at_the_database
             # timeout and a later poll delivers the task: not after the driver's own 30 s
             await wait_until(lambda: hook_server.count("/h") >= 2, 15, message="delivery")
             waited = time.monotonic() - started
-            assert waited < 4, f"delivered {waited:.1f}s after the database was back"
+            assert waited < 8, f"delivered {waited:.1f}s after the database was back"
     finally:
         await worker_store.close()
         await proxy.close()
