@@ -463,8 +463,14 @@ class Bench:
             # both see the machine in the same state (D moves by 30 % between runs).
             for prefix in ("D", "H_D") if hand else ("D",):
                 await self.hook_reset()
+                # CPU per task at a steady low rate: every wake-up on a cold CPU (README).
+                roles = ("web", "worker") if prefix == "D" else ("hand-web", "hand-worker")
+                cpu = {role: cpu_s(self.procs[role].pid) for role in roles}
                 result = await self.loadgen(n, rate=a.rate, hand=prefix != "D")
                 await self.wait_hook_unique(n, a.timeout)
+                for role, (name, before) in zip(("web", "worker"), cpu.items(), strict=True):
+                    used = cpu_s(self.procs[name].pid) - before
+                    self.results.add(f"{prefix}_{role}_cpu_us", used / n * 1e6)
                 arrived: dict[int, float] = {}
                 for t, task_id in await self.hook("arrivals"):
                     arrived.setdefault(task_id, t)
@@ -641,12 +647,16 @@ ROWS = [
     Row("D enqueue->hook p50, steady rate", "D_hook_p50_ms", "ms", "<= 2", lambda v: v <= 2),
     Row("D enqueue->hook p99, steady rate", "D_hook_p99_ms", "ms", "<= 5", lambda v: v <= 5),
     Row("D enqueue latency p50, steady rate", "D_enqueue_p50_ms", "ms"),
+    Row("D web CPU per task, steady rate", "D_web_cpu_us", "us"),
+    Row("D worker CPU per task, steady rate", "D_worker_cpu_us", "us"),
     Row("H hand-written: enqueue", "H_enqueue_rate", "tasks/s"),
     Row("H hand-written: enqueue latency p99", "H_enqueue_p99_ms", "ms"),
     Row("H hand-written: drain of the backlog", "H_drain_rate", "tasks/s"),
     Row("H hand-written: end to end", "H_end_to_end_rate", "tasks/s"),
     Row("H hand-written: enqueue->hook p50", "H_D_hook_p50_ms", "ms"),
     Row("H hand-written: enqueue->hook p99", "H_D_hook_p99_ms", "ms"),
+    Row("H hand-written: web CPU per task, steady rate", "H_D_web_cpu_us", "us"),
+    Row("H hand-written: worker CPU per task, steady rate", "H_D_worker_cpu_us", "us"),
     Row("E enqueue, empty table (beside E)", "EA_enqueue_rate", "tasks/s"),
     Row("E enqueue, finished history in table", "E_enqueue_rate", "tasks/s"),
     Row("E enqueue latency p99", "E_enqueue_p99_ms", "ms"),
