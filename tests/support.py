@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from typing import Any
 
 import httpx
+import sqlalchemy as sa
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -508,6 +509,14 @@ class FreezingProxy:
         self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         port: int = self.server.sockets[0].getsockname()[1]
         return port
+
+    @classmethod
+    async def in_front_of(cls, database_url: str) -> tuple[FreezingProxy, str]:
+        """A started proxy to ``database_url``'s server, and the URL that goes through it."""
+        url = sa.make_url(database_url)
+        proxy = cls(url.port or 5432)
+        port = await proxy.start()
+        return proxy, url.set(port=port).render_as_string(hide_password=False)
 
     async def close(self) -> None:
         for task in list(self.tasks):

@@ -8,7 +8,6 @@ import time
 import asyncpg
 import httpx
 import pytest
-import sqlalchemy as sa
 
 from ntorque.settings import Settings
 from ntorque.store import Store
@@ -63,14 +62,12 @@ async def test_a_task_read_from_a_black_holed_database_is_answered_503_within_th
 ) -> None:
     # Given the web reaching PostgreSQL through a proxy, and a task
     task = (await store.add_tasks([new_task("http://127.0.0.1:9/x")]))[0]
-    url = sa.make_url(pg_url)
-    proxy = FreezingProxy(url.port or 5432)
-    port = await proxy.start()
+    proxy, proxied_url = await FreezingProxy.in_front_of(pg_url)
     env = {
         **make_env(
             NTORQUE_AUTHENTICATE="false", NTORQUE_DB_TIMEOUT="1", NTORQUE_AUTO_MIGRATE="false"
         ),
-        "DATABASE_URL": url.set(port=port).render_as_string(hide_password=False),
+        "DATABASE_URL": proxied_url,
         "SQLALCHEMY_POOL_CLASS": pool_class,
     }
     try:
@@ -101,9 +98,7 @@ async def test_a_key_lookup_stuck_on_a_silent_database_is_given_up_at_the_timeou
     # Given authentication on, an app's key not cached, and the web reaching PostgreSQL
     # through a proxy
     _, key = await store.create_app("stuck-lookup")
-    url = sa.make_url(pg_url)
-    proxy = FreezingProxy(url.port or 5432)
-    port = await proxy.start()
+    proxy, proxied_url = await FreezingProxy.in_front_of(pg_url)
     env = {
         **make_env(
             NTORQUE_AUTHENTICATE="true",
@@ -111,7 +106,7 @@ async def test_a_key_lookup_stuck_on_a_silent_database_is_given_up_at_the_timeou
             NTORQUE_AUTO_MIGRATE="false",
             NTORQUE_AUTH_CACHE_SECONDS="0",
         ),
-        "DATABASE_URL": url.set(port=port).render_as_string(hide_password=False),
+        "DATABASE_URL": proxied_url,
     }
     try:
         async with api_client(Settings.from_env(env), key=key) as client:
@@ -142,14 +137,12 @@ async def test_enqueues_stuck_on_a_silent_database_free_the_web_once_it_answers_
     pg_url: str, store: Store
 ) -> None:
     # Given the web reaching PostgreSQL through a proxy, enqueues working
-    url = sa.make_url(pg_url)
-    proxy = FreezingProxy(url.port or 5432)
-    port = await proxy.start()
+    proxy, proxied_url = await FreezingProxy.in_front_of(pg_url)
     env = {
         **make_env(
             NTORQUE_AUTHENTICATE="false", NTORQUE_DB_TIMEOUT="1", NTORQUE_AUTO_MIGRATE="false"
         ),
-        "DATABASE_URL": url.set(port=port).render_as_string(hide_password=False),
+        "DATABASE_URL": proxied_url,
     }
     try:
         async with api_client(Settings.from_env(env)) as client:

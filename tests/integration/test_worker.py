@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 from prometheus_client import REGISTRY
 
 from ntorque.hooks import AiohttpHookClient
@@ -368,12 +367,8 @@ async def test_an_acquire_stuck_on_a_dead_connection_is_given_up_at_the_database
 ) -> None:
     url = hook_server.script("/h", 200)
     # Given a worker reaching PostgreSQL through a proxy, delivering
-    database = sa.make_url(settings.database_url)
-    proxy = FreezingProxy(database.port or 5432)
-    port = await proxy.start()
-    proxied = dataclasses.replace(
-        settings, database_url=database.set(port=port).render_as_string(hide_password=False)
-    )
+    proxy, proxied_url = await FreezingProxy.in_front_of(settings.database_url)
+    proxied = dataclasses.replace(settings, database_url=proxied_url)
     worker_store = Store.from_settings(proxied)
     try:
         async with worker_running(proxied, worker_store, notifier):
