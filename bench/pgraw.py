@@ -1,6 +1,9 @@
-"""The database ceiling: asyncpg single-row INSERT + COMMIT from 32 connections.
+"""The database's own limits: asyncpg single-row INSERT + COMMIT.
 
-``python -m bench.pgraw --dsn DSN --seconds S`` prints inserts/s as JSON.
+``python -m bench.pgraw --dsn DSN --seconds S`` prints the rate from 32 connections as JSON.
+``--rate R`` instead commits from one connection at a steady R per second and prints the
+commit latency's p50 / p99 / max: the floor under D, whose every task waits for two commits
+(the enqueue's and the acquire's), so the disk's stalls show in D's tail whatever runs above.
 """
 
 from __future__ import annotations
@@ -46,12 +49,42 @@ async def measure(dsn: str, seconds: float, connections: int) -> float:
     return done / elapsed
 
 
+async def steady(dsn: str, seconds: float, rate: float) -> dict[str, float]:
+    conn = await asyncpg.connect(dsn)
+    await conn.execute(DDL)
+    latencies: list[float] = []
+    started = time.monotonic()
+    for i in range(int(seconds * rate)):
+        delay = started + i / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        t0 = time.monotonic()
+        await conn.fetchval(INSERT, "http://127.0.0.1/hook", b'{"n": 1}', "PENDING", 0.0)
+        latencies.append(time.monotonic() - t0)
+    await conn.close()
+    latencies.sort()
+
+    def at(q: float) -> float:
+        return latencies[round(q * (len(latencies) - 1))] * 1000
+
+    return {
+        "p50_ms": at(0.5),
+        "p99_ms": at(0.99),
+        "max_ms": at(1.0),
+        "over_10ms": sum(1 for v in latencies if v > 0.010),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dsn", required=True)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--rate", type=float, help="commit latency at this steady rate instead")
     args = parser.parse_args()
+    if args.rate:
+        print(json.dumps(fastloop.run(steady(args.dsn, args.seconds, args.rate))))
+        return
     print(json.dumps({"rate": fastloop.run(measure(args.dsn, args.seconds, args.connections))}))
 
 

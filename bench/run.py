@@ -478,6 +478,12 @@ class Bench:
                 self.results.add(f"{prefix}_hook_p50_ms", percentile(lat, 0.5) * 1000)
                 self.results.add(f"{prefix}_hook_p99_ms", percentile(lat, 0.99) * 1000)
                 self.results.add(f"{prefix}_enqueue_p50_ms", result["p50_ms"])
+            # The disk under both: a lone INSERT+COMMIT at the same rate, in the same minute.
+            dsn = self.dsn.replace("+asyncpg", "")
+            argv = ["-m", "bench.pgraw", "--dsn", dsn, "--rate", str(a.rate)]
+            floor = await run_json([*argv, "--seconds", str(a.rate_seconds)])
+            for name in ("p50_ms", "p99_ms", "max_ms", "over_10ms"):
+                self.results.add(f"D_commit_{name}", floor[name])
         self.stop("worker")
         self.stop("hand-worker")
 
@@ -649,6 +655,10 @@ ROWS = [
     Row("D enqueue latency p50, steady rate", "D_enqueue_p50_ms", "ms"),
     Row("D web CPU per task, steady rate", "D_web_cpu_us", "us"),
     Row("D worker CPU per task, steady rate", "D_worker_cpu_us", "us"),
+    Row("D floor: lone INSERT+COMMIT at the same rate, p50", "D_commit_p50_ms", "ms"),
+    Row("D floor: lone INSERT+COMMIT at the same rate, p99", "D_commit_p99_ms", "ms"),
+    Row("D floor: lone INSERT+COMMIT at the same rate, max", "D_commit_max_ms", "ms"),
+    Row("D floor: commits over 10 ms", "D_commit_over_10ms", "count"),
     Row("H hand-written: enqueue", "H_enqueue_rate", "tasks/s"),
     Row("H hand-written: enqueue latency p99", "H_enqueue_p99_ms", "ms"),
     Row("H hand-written: drain of the backlog", "H_drain_rate", "tasks/s"),
