@@ -2,22 +2,28 @@
 
 Safe to run more than once: requeue only rings (acquire decides), and the bound on the
 channel is checked in Redis as each batch is rung, so clocks ringing at once never fill it
-past NTORQUE_NOTIFY_BACKLOG_LIMIT together; fail_exhausted fails (and counts) each task in
-one clock only; cleanup deletes in batches that skip rows another clock holds.
+past NTORQUE_NOTIFY_BACKLOG_LIMIT, nor past the number of due tasks, together;
+fail_exhausted fails (and counts) each task in one clock only; cleanup deletes in batches
+that skip rows another clock holds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from . import metrics
 from .notify import Notifier, NotifyError
 from .settings import Settings
-from .store import Store, connection_errors, describe
+from .store import Backlog, Store, connection_errors, describe
 
 logger = logging.getLogger("ntorque.clock")
+
+T = TypeVar("T")
 
 
 class Clock:
@@ -46,22 +52,32 @@ class Clock:
     async def tick(self) -> None:
         """One requeue round plus the backlog gauges."""
         await self._guarded("fail_exhausted", self.fail_exhausted)
-        await self._guarded("requeue", self.requeue)
-        await self._guarded("backlog", self.measure_backlog)
+        backlog = await self._guarded("backlog", self.measure_backlog)
+        if backlog is not None:  # else the database is down, and logged as such
+            await self._guarded("requeue", functools.partial(self.requeue, backlog.due))
 
-    async def _guarded(self, action: str, step: object) -> None:
+    async def _guarded(self, action: str, step: Callable[[], Awaitable[T]]) -> T | None:
         try:
-            await step()  # type: ignore[operator]
+            return await step()
         except connection_errors() as exc:
             metrics.DATABASE_ERRORS.labels(role="clock").inc()
             logger.error("action=%s failed, database unavailable: %s", action, describe(exc))
+            return None
 
-    async def requeue(self) -> int:
-        """Ring for due tasks in due order, never filling the channel past its bound."""
+    async def requeue(self, due: int | None = None) -> int:
+        """Ring for due tasks in due order, never filling the channel past its bound.
+
+        Nor past the number of tasks due (``due``; counted when not given): with workers
+        stopped, every round would otherwise ring the same waiting tasks again, and the
+        list would fill with their duplicates up to the bound.
+        """
         if not self.notifier.rings or not self.notifier.available():
             return 0  # no channel, or it failed moments ago: its pause first
+        if due is None:
+            due = (await self.store.backlog()).due
+        bound = min(self.settings.notify_backlog_limit, due)
         try:
-            room = self.settings.notify_backlog_limit - await self.notifier.pending()
+            room = bound - await self.notifier.pending()
         except NotifyError as exc:
             metrics.NOTIFY_FAILURES.labels(role="clock").inc()
             logger.warning("action=requeue skipped, notification channel unavailable: %s", exc)
@@ -76,9 +92,7 @@ class Clock:
                 break
             try:
                 # Bounded in the channel itself: other clocks may be ringing at this moment.
-                pushed = await self.notifier.notify_upto(
-                    [task_id for _, task_id in batch], self.settings.notify_backlog_limit
-                )
+                pushed = await self.notifier.notify_upto([task_id for _, task_id in batch], bound)
             except NotifyError as exc:
                 metrics.NOTIFY_FAILURES.labels(role="clock").inc()
                 logger.warning("action=requeue stopped, notification channel down: %s", exc)
@@ -120,7 +134,8 @@ class Clock:
             logger.info("action=cleanup count=%d", deleted)
         return deleted
 
-    async def measure_backlog(self) -> None:
+    async def measure_backlog(self) -> Backlog:
         backlog = await self.store.backlog()
         metrics.DUE_TASKS.set(backlog.due)
         metrics.OLDEST_DUE_AGE.set(backlog.oldest_due_age_s)
+        return backlog

@@ -130,6 +130,46 @@ async def test_three_clocks_requeueing_at_once_never_fill_the_channel_past_its_b
             await other.close()
 
 
+async def test_requeue_never_piles_up_more_notifications_than_tasks_due(
+    settings: Settings, store: Store, notifier: Notifier
+) -> None:
+    # Given 5 due tasks, each rung at enqueue (as the web does), and no worker taking them
+    added = await store.add_tasks([new_task(URL) for _ in range(5)])
+    ids = [t.id for t in added]
+    await notifier.notify(ids)
+    clock = Clock(settings, store, notifier)
+    # When the clock goes round after round
+    for _ in range(3):
+        await clock.tick()
+    # Then the channel still holds one notification per due task, not a pile of duplicates
+    assert await notifier.pending() == 5
+    # And once those notifications are gone (a Redis flush, say), the next round rings
+    # every due task again
+    assert sorted(await notifier.wait(50, 1.0)) == ids
+    assert await clock.requeue() == 5
+    assert sorted(await notifier.wait(50, 1.0)) == ids
+
+
+@pytest.mark.parametrize("backend", [backend_param("postgres-redis")], indirect=True)
+@pytest.mark.ntorque_env(NTORQUE_NOTIFY_BACKLOG_LIMIT="300", NTORQUE_REQUEUE_BATCH="40")
+async def test_three_clocks_requeueing_at_once_ring_no_more_than_the_tasks_due(
+    backend: Backend, settings: Settings, store: Store, notifier: Notifier
+) -> None:
+    # Given 100 due tasks nobody rang, and three clocks (each its own Redis connection)
+    await store.add_tasks([new_task(URL) for _ in range(100)])
+    others = [notifier_for(backend) for _ in range(2)]
+    clocks = [Clock(settings, store, n) for n in [notifier, *others]]
+    try:
+        for _ in range(3):
+            # When all three requeue at the same moment, round after round
+            rung = await asyncio.gather(*(clock.requeue() for clock in clocks))
+            # Then together they ring as many as are due, well below the bound
+            assert await notifier.pending() == 100, f"rung {rung}"
+    finally:
+        for other in others:
+            await other.close()
+
+
 async def test_requeue_skips_finished_and_not_yet_due(
     settings: Settings, store: Store, notifier: Notifier
 ) -> None:
