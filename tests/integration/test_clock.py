@@ -6,7 +6,9 @@ Same tests on SQLite + in-process and PostgreSQL + Redis.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 import sqlalchemy as sa
@@ -113,9 +115,7 @@ async def test_three_clocks_requeueing_at_once_never_fill_the_channel_past_its_b
 ) -> None:
     # Given a backlog of 1,000 due tasks and three clocks (each its own Redis connection).
     await store.add_tasks([new_task(URL) for _ in range(1000)])
-    others = [notifier_for(backend) for _ in range(2)]
-    clocks = [Clock(settings, store, n) for n in [notifier, *others]]
-    try:
+    async with three_clocks(backend, settings, store, notifier) as clocks:
         for _ in range(3):
             # When all three requeue at the same moment (each reads the list's length
             # before any of them rings), then workers take half of what waits.
@@ -125,6 +125,16 @@ async def test_three_clocks_requeueing_at_once_never_fill_the_channel_past_its_b
             taken = await notifier.wait(150, 1.0)
             assert len(taken) == 150
             await store.acquire(taken)  # a clock may have rung a task another one rang
+
+
+@contextlib.asynccontextmanager
+async def three_clocks(
+    backend: Backend, settings: Settings, store: Store, notifier: Notifier
+) -> AsyncIterator[list[Clock]]:
+    """Three clocks on one store, each with a Redis connection of its own, as processes."""
+    others = [notifier_for(backend) for _ in range(2)]
+    try:
+        yield [Clock(settings, store, n) for n in [notifier, *others]]
     finally:
         for other in others:
             await other.close()
@@ -157,17 +167,12 @@ async def test_three_clocks_requeueing_at_once_ring_no_more_than_the_tasks_due(
 ) -> None:
     # Given 100 due tasks nobody rang, and three clocks (each its own Redis connection)
     await store.add_tasks([new_task(URL) for _ in range(100)])
-    others = [notifier_for(backend) for _ in range(2)]
-    clocks = [Clock(settings, store, n) for n in [notifier, *others]]
-    try:
+    async with three_clocks(backend, settings, store, notifier) as clocks:
         for _ in range(3):
             # When all three requeue at the same moment, round after round
             rung = await asyncio.gather(*(clock.requeue() for clock in clocks))
             # Then together they ring as many as are due, well below the bound
             assert await notifier.pending() == 100, f"rung {rung}"
-    finally:
-        for other in others:
-            await other.close()
 
 
 async def test_requeue_skips_finished_and_not_yet_due(
