@@ -58,6 +58,7 @@ class Worker:
     async def run(self, *, burst: bool = False) -> None:
         """Work until :meth:`stop`; with ``burst``, return once nothing is due or running."""
         poll_now = True
+        next_poll = 0.0
         # Waits for a free slot also end on stop(): with every slot held by a long call,
         # SIGTERM must still start the grace period at once.
         self._stop_waiter = asyncio.create_task(self._stopping.wait(), name="stop-waiter")
@@ -70,19 +71,26 @@ class Worker:
                 if free < self._min_batch:
                     free = await self._wait_for_slots()
                 ids: list[int] = []
-                if not poll_now:
+                # Notifications may keep coming for hours under a backlog, while a due
+                # task nobody rang (a retry, one stored while Redis was down) waits for
+                # the list to run dry: poll the database at least once a poll interval.
+                overdue = not poll_now and time.monotonic() >= next_poll
+                if not poll_now and not overdue:
                     ids = await self._wait_for_ids(free)
                     if self._stopping.is_set():
                         break
                 acquired = await self._acquire(ids, free)
+                if not ids:
+                    next_poll = time.monotonic() + self.settings.poll_interval_s
                 for task in acquired:
                     self._start(task)
                 if acquired:
                     # Let the new calls send their requests before this loop spends its
                     # time on the next BLMPOP: the hook call is on the latency path.
                     await asyncio.sleep(0)
-                # A full poll means more are probably due: poll again before waiting.
-                poll_now = not ids and len(acquired) >= free
+                # A full poll means more are probably due: poll again before waiting. Not
+                # after an overdue one: the notifications that kept coming ring for those.
+                poll_now = not ids and not overdue and len(acquired) >= free
                 if burst and not acquired and not ids:
                     if not self._inflight:
                         break

@@ -50,6 +50,43 @@ async def test_running_worker_delivers_rung_and_unrung_tasks(
     assert sorted(c.body for c in hook_server.calls("/h")) == [b"rung"] * 5 + [b"silent"] * 5
 
 
+@pytest.mark.parametrize(
+    "backend", [backend_param("sqlite-local"), backend_param("postgres-redis")], indirect=True
+)
+@pytest.mark.ntorque_env(NTORQUE_WORKER_CONCURRENCY="2", NTORQUE_POLL_INTERVAL="0.5")
+async def test_a_task_nobody_rang_gets_its_turn_while_notifications_keep_coming(
+    settings: Settings, store: Store, notifier: Notifier, hook_server: HookServer
+) -> None:
+    slow = hook_server.script("/slow", Reply(delay_s=0.1))
+    unrung_url = hook_server.script("/unrung", 200)
+
+    async def ring_more(n: int) -> None:
+        added = await store.add_tasks([new_task(slow) for _ in range(n)])
+        await notifier.notify([t.id for t in added])
+
+    async with worker_running(settings, store, notifier):
+        # Given a worker waiting on its doorbell (its first poll found nothing), then a
+        # backlog of rung tasks (about a second's work, 2 at a time)
+        await asyncio.sleep(0.2)
+        await ring_more(20)
+        # When a task is stored that nobody rings for (a retry come due, say), and rung
+        # tasks keep coming faster than the worker takes them, so the list never runs dry
+        await store.add_tasks([new_task(unrung_url)])
+        started = time.monotonic()
+        waited = None
+        for _ in range(12):  # 6 s at most
+            await ring_more(20)
+            await asyncio.sleep(0.5)
+            if hook_server.count("/unrung"):
+                waited = time.monotonic() - started
+                break
+        # Then it is called once the tasks due before it are: a database poll at least
+        # every poll interval finds it, though the notifications never stopped
+        assert waited is not None, "not called while notifications kept coming"
+        assert waited < 4, f"called {waited:.1f}s after it was stored"
+        assert await notifier.pending() > 0
+
+
 @EVERY
 @pytest.mark.ntorque_env(NTORQUE_WORKER_CONCURRENCY="3")
 async def test_concurrency_bounds_calls_in_flight(
