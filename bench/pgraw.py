@@ -16,6 +16,7 @@ import time
 import asyncpg
 
 from bench import fastloop
+from bench.loadgen import percentile
 
 DDL = """
 CREATE TABLE IF NOT EXISTS bench_raw (
@@ -62,15 +63,10 @@ async def steady(dsn: str, seconds: float, rate: float) -> dict[str, float]:
         await conn.fetchval(INSERT, "http://127.0.0.1/hook", b'{"n": 1}', "PENDING", 0.0)
         latencies.append(time.monotonic() - t0)
     await conn.close()
-    latencies.sort()
-
-    def at(q: float) -> float:
-        return latencies[round(q * (len(latencies) - 1))] * 1000
-
     return {
-        "p50_ms": at(0.5),
-        "p99_ms": at(0.99),
-        "max_ms": at(1.0),
+        "p50_ms": percentile(latencies, 0.5) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
+        "max_ms": max(latencies) * 1000,
         "over_10ms": sum(1 for v in latencies if v > 0.010),
     }
 

@@ -114,6 +114,7 @@ class Bench:
         self.with_hand = "H" in args.scenarios and not suffix
         self.admin_dsn = args.pg.rstrip("/") + "/postgres"
         self.dsn = args.pg.rstrip("/") + "/" + self.name
+        self.raw_dsn = self.dsn.replace("+asyncpg", "")  # for asyncpg itself (bench.pgraw)
         self.logs = Path(tempfile.mkdtemp(prefix="ntorque-bench-"))
         self.web_port = free_port()
         self.hook_port = free_port()
@@ -374,8 +375,7 @@ class Bench:
         for _ in range(a.reps):
             self.results.add("raw_aiohttp_hook", await self.client_rate("aiohttp"))
         for _ in range(a.reps):
-            dsn = self.dsn.replace("+asyncpg", "")
-            argv = ["-m", "bench.pgraw", "--dsn", dsn, "--seconds", str(a.raw_seconds)]
+            argv = ["-m", "bench.pgraw", "--dsn", self.raw_dsn, "--seconds", str(a.raw_seconds)]
             self.results.add("raw_asyncpg_insert", (await run_json(argv))["rate"])
 
     async def client_rate(self, client: str) -> float:
@@ -479,8 +479,7 @@ class Bench:
                 self.results.add(f"{prefix}_hook_p99_ms", percentile(lat, 0.99) * 1000)
                 self.results.add(f"{prefix}_enqueue_p50_ms", result["p50_ms"])
             # The disk under both: a lone INSERT+COMMIT at the same rate, in the same minute.
-            dsn = self.dsn.replace("+asyncpg", "")
-            argv = ["-m", "bench.pgraw", "--dsn", dsn, "--rate", str(a.rate)]
+            argv = ["-m", "bench.pgraw", "--dsn", self.raw_dsn, "--rate", str(a.rate)]
             floor = await run_json([*argv, "--seconds", str(a.rate_seconds)])
             for name in ("p50_ms", "p99_ms", "max_ms", "over_10ms"):
                 self.results.add(f"D_commit_{name}", floor[name])
