@@ -41,7 +41,12 @@ class Notifier(Protocol):
     rings: bool
 
     async def notify(self, ids: Sequence[int]) -> None:
-        """Ring for ``ids``; raise :class:`NotifyError` if the channel is down."""
+        """Ring for ``ids``; raise :class:`NotifyError` if the channel is down.
+
+        Ids that would take the channel past ``NTORQUE_NOTIFY_BACKLOG_LIMIT`` are dropped:
+        with workers stopped it would otherwise hold one id per waiting task, however many.
+        Workers find those tasks by polling, the clock rings them once there is room.
+        """
 
     async def notify_upto(self, ids: Sequence[int], limit: int) -> int:
         """Ring for the first of ``ids`` while fewer than ``limit`` wait; how many were rung.
@@ -97,6 +102,11 @@ class RedisNotifier:
 
     def __init__(self, settings: Settings) -> None:
         self.channel = settings.redis_channel
+        self.limit = settings.notify_backlog_limit
+        # Set once a push found the list past the limit. Until a push fits again, pushes go
+        # through the script that checks for room first; below the limit a plain RPUSH does,
+        # the cheapest call on the enqueue path.
+        self._full = False
         self._client = redis_client(settings, socket_timeout=5)
         # BLPOP holds its connection for the whole wait: keep it off the client's pool.
         self._blocking = redis_client(settings, socket_timeout=None)
@@ -121,7 +131,15 @@ class RedisNotifier:
         if not ids:
             return
         async with self._call(CALL_TIMEOUT_S):
-            await self._client.rpush(self.channel, *ids)
+            if self._full:
+                pushed = await self._rpush_upto(keys=[self.channel], args=[self.limit, *ids])
+                self._full = int(pushed) < len(ids)
+                return
+            length = int(await self._client.rpush(self.channel, *ids))
+            if length > self.limit:
+                # Keep the oldest: ids are rung in the order their tasks fell due.
+                self._full = True
+                await self._client.ltrim(self.channel, 0, self.limit - 1)
 
     async def notify_upto(self, ids: Sequence[int], limit: int) -> int:
         if not ids:
@@ -173,15 +191,13 @@ class LocalNotifier:
     kind = "local"
     rings = True
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = 10_000) -> None:
+        self.limit = limit
         self._ids: dict[int, None] = {}
         self._event = asyncio.Event()
 
     async def notify(self, ids: Sequence[int]) -> None:
-        for task_id in ids:
-            self._ids[task_id] = None
-        if self._ids:
-            self._event.set()
+        await self.notify_upto(ids, self.limit)
 
     async def notify_upto(self, ids: Sequence[int], limit: int) -> int:
         rung = 0
@@ -248,7 +264,7 @@ def create_notifier(settings: Settings, *, in_process: bool) -> Notifier:
     if settings.redis_url:
         return RedisNotifier(settings)
     if in_process:
-        return LocalNotifier()
+        return LocalNotifier(settings.notify_backlog_limit)
     return PollingNotifier()
 
 

@@ -457,7 +457,7 @@ def notifier_for(backend: Backend) -> Notifier:
     if backend.notify == "redis":
         return RedisNotifier(backend.settings)
     if backend.notify == "local":
-        return LocalNotifier()
+        return LocalNotifier(backend.settings.notify_backlog_limit)
     return PollingNotifier()
 
 

@@ -20,11 +20,15 @@ from ntorque.store import Store
 from tests.conftest import ALL_BACKENDS, Backend, backend_param
 from tests.support import (
     REDIS_URL,
+    HookServer,
     api_client,
     count_tasks,
     free_port,
+    gather_limited,
     make_settings,
     silent_server,
+    wait_until,
+    worker_running,
 )
 
 RINGING = [backend_param(n) for n in ("sqlite-local", "postgres-redis")]
@@ -51,6 +55,52 @@ async def test_notify_upto_rings_in_order_up_to_the_limit(notifier: Notifier) ->
     assert await notifier.wait(3000, 1.0) == list(range(1, 2201))
     assert await notifier.notify_upto([7, 8], 1) == 1
     assert await notifier.wait(10, 1.0) == [7]
+
+
+@pytest.mark.parametrize("backend", RINGING, indirect=True)
+@pytest.mark.ntorque_env(NTORQUE_NOTIFY_BACKLOG_LIMIT="5")
+async def test_notify_drops_ids_past_the_backlog_limit(notifier: Notifier) -> None:
+    # Given a channel filled past its limit in one push
+    await notifier.notify([1, 2, 3])
+    await notifier.notify([4, 5, 6, 7])
+    assert await notifier.pending() == 5, "the oldest five are kept"
+    # When more come while it is full, they are dropped
+    await notifier.notify([8])
+    assert await notifier.pending() == 5
+    # When workers take two, the next push fills the room left, and no more
+    assert await notifier.wait(2, 1.0) == [1, 2]
+    await notifier.notify([9, 10, 11])
+    assert await notifier.wait(10, 1.0) == [3, 4, 5, 9, 10]
+    # Then once there is room for a whole push, pushes go through as before
+    await notifier.notify([12])
+    await notifier.notify([13, 14, 15, 16, 17, 18])
+    assert await notifier.wait(10, 1.0) == [12, 13, 14, 15, 16]
+
+
+@pytest.mark.parametrize("backend", RINGING, indirect=True)
+@pytest.mark.ntorque_env(NTORQUE_NOTIFY_BACKLOG_LIMIT="30", NTORQUE_AUTHENTICATE="false")
+async def test_enqueues_past_the_backlog_limit_are_stored_and_delivered_all_the_same(
+    settings: Settings, store: Store, notifier: Notifier, hook_server: HookServer
+) -> None:
+    url = hook_server.script("/h", 200)
+    # Given no worker running, when 100 tasks are enqueued
+    async with api_client(settings, store, notifier) as client:
+
+        async def enqueue(n: int) -> int:
+            answer = await client.post("/", params={"url": url}, content=str(n).encode())
+            assert answer.status_code == 201, answer.text
+            return int(answer.json()["id"])
+
+        ids = await gather_limited(enqueue(n) for n in range(100))
+    # Then the channel holds no more than its limit
+    assert await notifier.pending() == 30
+    # And a worker delivers every task, the unrung ones found by its polls
+    async with worker_running(settings, store, notifier):
+        await wait_until(lambda: hook_server.count("/h") >= 100, timeout_s=20, message="all")
+    assert sorted(int(c.body) for c in hook_server.calls("/h")) == list(range(100))
+    for task_id in ids:
+        stored = await store.get_task(task_id)
+        assert stored is not None and stored.status == "COMPLETED"
 
 
 @pytest.mark.parametrize("backend", RINGING, indirect=True)
