@@ -76,6 +76,10 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return cast
 
 
+def _mode(raw: str) -> str:
+    return raw.strip().lower()
+
+
 def _status_codes(raw: str) -> frozenset[int]:
     codes: set[int] = set()
     for part in raw.split(","):
@@ -356,7 +360,8 @@ class Settings:
         read("HSTS_PROTOCOL_HEADER", "hsts_protocol_header", _header_name)
         read("NTORQUE_REDIS_CHANNEL", "redis_channel", str.strip)
         read("NTORQUE_REDIS_TLS_VERIFY", "redis_tls_verify", _bool)
-        read("MODE", "mode", _choice("development", "production"))
+        # nTorque took any other string for "not development": its users' configs may say so.
+        read("MODE", "mode", _mode)
         read("SQLALCHEMY_POOL_SIZE", "pool_size", _int_range(1))
         read("SQLALCHEMY_MAX_OVERFLOW", "pool_max_overflow", _int_range(-1))
         read("SQLALCHEMY_POOL_RECYCLE", "pool_recycle_s", _int_range(-1))

@@ -64,6 +64,8 @@ GOOD: list[tuple[str, str, str, Any]] = [
     ("NTORQUE_REDIS_CHANNEL", "jobs", "redis_channel", "jobs"),
     ("NTORQUE_REDIS_TLS_VERIFY", "yes", "redis_tls_verify", True),
     ("MODE", "development", "mode", "development"),
+    # As in nTorque, any other string means "not development", so their configs start.
+    ("MODE", "Staging", "mode", "staging"),
     ("SQLALCHEMY_POOL_SIZE", "5", "pool_size", 5),
     ("SQLALCHEMY_MAX_OVERFLOW", "0", "pool_max_overflow", 0),
     ("SQLALCHEMY_POOL_RECYCLE", "300", "pool_recycle_s", 300),
@@ -94,6 +96,16 @@ def test_each_variable_is_read(name: str, raw: str, field: str, expected: Any) -
     settings = Settings.from_env({name: raw})
     value = getattr(settings, field)
     assert (set(value) if isinstance(value, frozenset) else value) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "development"),
+    [(" Development ", True), ("production", False), ("staging", False), ("", False)],
+)
+def test_only_mode_development_turns_on_reload_and_detailed_errors(
+    raw: str, development: bool
+) -> None:
+    assert Settings.from_env({"MODE": raw}).development is development
 
 
 def test_every_known_variable_is_covered_by_the_table() -> None:
@@ -133,7 +145,6 @@ BAD: list[tuple[str, str]] = [
     ("HSTS_PROTOCOL_HEADER", "X-Forwarded-Proto:"),
     ("HSTS_PROTOCOL_HEADER", "X Forwarded Proto"),
     ("NTORQUE_REDIS_TLS_VERIFY", "sure"),
-    ("MODE", "staging"),
     ("SQLALCHEMY_POOL_SIZE", "0"),
     ("SQLALCHEMY_POOL_SIZE", "big"),
     ("SQLALCHEMY_MAX_OVERFLOW", "-2"),
