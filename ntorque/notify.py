@@ -191,7 +191,7 @@ class LocalNotifier:
     kind = "local"
     rings = True
 
-    def __init__(self, limit: int = 10_000) -> None:
+    def __init__(self, limit: int) -> None:
         self.limit = limit
         self._ids: dict[int, None] = {}
         self._event = asyncio.Event()

@@ -47,7 +47,7 @@ async def embedded(sqlite_template: Path, tmp_path: Path) -> AsyncIterator[Embed
     shutil.copyfile(sqlite_template, path)
     settings = support.make_settings(NTORQUE_SQLITE_PATH=str(path), NTORQUE_AUTHENTICATE="false")
     store = Store.from_settings(settings)
-    notifier = LocalNotifier()
+    notifier = LocalNotifier(settings.notify_backlog_limit)
     try:
         yield settings, store, notifier
     finally:
