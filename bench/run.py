@@ -332,15 +332,15 @@ class Bench:
         await self.redis.delete(self.name, self.hand_channel)
 
     @contextlib.contextmanager
-    def profiling(self, label: str) -> Iterator[None]:
-        """py-spy on web and worker while the block runs (``--profile DIR``)."""
+    def profiling(self, label: str, roles: tuple[str, ...] = ("web", "worker")) -> Iterator[None]:
+        """py-spy on ``roles`` (web and worker) while the block runs (``--profile DIR``)."""
         if not self.args.profile:
             yield
             return
         out = Path(self.args.profile)
         out.mkdir(parents=True, exist_ok=True)
         started = []
-        for role in ("web", "worker"):
+        for role in roles:
             proc = self.procs.get(role)
             if proc is None:
                 continue
@@ -466,7 +466,8 @@ class Bench:
                 # CPU per task at a steady low rate: every wake-up on a cold CPU (README).
                 roles = ("web", "worker") if prefix == "D" else ("hand-web", "hand-worker")
                 cpu = {role: cpu_s(self.procs[role].pid) for role in roles}
-                result = await self.loadgen(n, rate=a.rate, hand=prefix != "D")
+                with self.profiling(prefix, roles):
+                    result = await self.loadgen(n, rate=a.rate, hand=prefix != "D")
                 await self.wait_hook_unique(n, a.timeout)
                 for role, (name, before) in zip(("web", "worker"), cpu.items(), strict=True):
                     used = cpu_s(self.procs[name].pid) - before
@@ -748,7 +749,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--pg", default=os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
     )
     p.add_argument("--redis", default=os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/0"))
-    p.add_argument("--profile", metavar="DIR", help="py-spy web and worker during B and C")
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="py-spy web and worker during A, B, C and D (D: the hand-written pair's too)",
+    )
     p.add_argument("--json", metavar="FILE", help="also write every measured value here")
     p.add_argument("--keep-db", action="store_true", help="keep the database for inspection")
     args = p.parse_args(argv)
