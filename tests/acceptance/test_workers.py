@@ -1,4 +1,5 @@
-"""Several worker processes, duplicate notifications and SIGKILLed workers (Procfile lines).
+"""Several worker processes, duplicate notifications, SIGKILLed workers and a backlog past the
+notification limit (Procfile lines).
 
 Acquisition is decided in PostgreSQL, so a duplicated doorbell can never make two workers
 run the same attempt; the lease (timeout + backoff) brings back what a killed worker held.
@@ -135,3 +136,26 @@ async def test_worker_sigkilled_three_times_mid_call_loses_no_task(
         f" in flight; delivered twice or more: {len(twice)} tasks {twice[:20]}"
     )
     assert sum(in_flight_at_kill) > 0, "no kill hit a hook call in flight"
+
+
+async def test_a_backlog_past_the_notify_limit_keeps_the_list_bounded_and_is_all_delivered(
+    processes: Processes, hook: HookServer, pg_url: str, redis_channel: str, tmp_path: Path
+) -> None:
+    env = procfile_env(tmp_path, pg_url, redis_channel, NTORQUE_NOTIFY_BACKLOG_LIMIT="25")
+    api = Api(await start_web(processes, env), await create_app(processes, env))
+    redis = aioredis.Redis.from_url(support.REDIS_URL, socket_timeout=5)
+    try:
+        # Given the web and the clock running, and no worker: a backlog of 120 tasks
+        await start_role(processes, "clock", env, "clock")
+        ids = await api.enqueue_many(hook.url + "/ok", 120)
+        # Then the notification list holds no more than the limit, round after round
+        assert await redis.llen(redis_channel) == 25
+        await asyncio.sleep(1.5)  # a few of the clock's requeue rounds (0.2 s apart)
+        assert await redis.llen(redis_channel) == 25
+        # And once a worker starts, every task is delivered, the unrung ones found by polling
+        await start_role(processes, "worker", env, "worker")
+        await api.wait_status(ids, "COMPLETED", timeout_s=60)
+    finally:
+        await api.close()
+        await redis.aclose()
+    assert sorted(hook.per_task()) == sorted(ids)
